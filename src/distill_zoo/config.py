@@ -1,0 +1,54 @@
+"""Where the Hydra config tree lives, the resolvers it uses, and composing it from code."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+"""The repository's ``conf/`` folder (the package is installed editable from the repo)."""
+
+_STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_dir(root: str, override_dirname: str, resume: bool) -> str:
+    """Output folder of a single run: ``<root>/<overrides or 'default'>/<start time>``.
+
+    Runs are grouped by their command-line overrides so that ``resume=true`` with the same
+    command can find the newest earlier run of that command and continue it in place; a run
+    without ``resume`` always gets a new folder, so nothing saved earlier is overwritten.
+    """
+    group = Path(root) / (override_dirname or "default")
+    if resume and group.is_dir():
+        earlier = sorted(p for p in group.iterdir() if (p / "checkpoints" / "last.ckpt").is_file())
+        if earlier:
+            return str(earlier[-1])
+    return str(group / _STARTED)
+
+
+def register_resolvers() -> None:
+    """Registers the ``dz_*`` resolvers used in ``conf/`` (idempotent)."""
+    if not OmegaConf.has_resolver("dz_run_dir"):
+        OmegaConf.register_new_resolver("dz_run_dir", run_dir)
+    if not OmegaConf.has_resolver("dz_interactive"):
+        OmegaConf.register_new_resolver("dz_interactive", lambda: sys.stdout.isatty())
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Composes the config tree as the command line would, for tests, scripts and notebooks.
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["distiller=kd", "distiller.temperature=2"]``.
+        config_name: Top-level config in ``conf/``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

@@ -1,0 +1,122 @@
+"""The distiller interface every method implements (see ../shared/DESIGN.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from distill_zoo.losses import cross_entropy
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What a distiller may need to know about the run when it is built.
+
+    Attributes:
+        student_stages: The student's stage layers in forward order (zoo ``feature_layers``).
+        teacher_stages: The teacher's stage layers, empty when there is no teacher.
+        example_input: One small batch of real inputs, for dry forward passes that find
+            feature shapes (so trainable parts are built in ``__init__``).
+        num_classes: Classes of the data set.
+        num_train_samples: Size of the training split (memory banks are indexed by it).
+    """
+
+    student_stages: list[str] = field(default_factory=list)
+    teacher_stages: list[str] = field(default_factory=list)
+    example_input: Tensor | None = None
+    num_classes: int = 0
+    num_train_samples: int = 0
+
+
+@dataclass
+class StepOutputs:
+    """Everything one training step produced that a distiller may read.
+
+    ``student_features``/``teacher_features`` hold the outputs of the layers the distiller
+    asked for in :meth:`Distiller.layers`, keyed by layer name.
+    """
+
+    images: Tensor
+    targets: Tensor
+    indices: Tensor
+    student_logits: Tensor
+    teacher_logits: Tensor | None = None
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+
+
+class Distiller(nn.Module):
+    """Base class: turns one step's outputs into named, already-weighted loss terms.
+
+    Subclasses cite their paper in the class docstring, take their hyper-parameters as typed
+    keyword arguments, build trainable parts (regressors, embeddings) in ``__init__`` and keep
+    restart-critical state in registered buffers. They never keep the student or the teacher
+    as attributes: those belong to the LightningModule, and registering them here would put
+    the teacher into the optimizer.
+
+    Args:
+        student: The student network (read for shapes only).
+        teacher: The frozen teacher, or ``None``.
+        context: Facts about the run (stages, an example batch, data set sizes).
+        ce_weight: Weight of the cross-entropy with the hard labels (``gamma`` in the CRD
+            benchmark's ``g*CE + a*KD + b*method``).
+    """
+
+    requires_teacher: bool = True
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        *,
+        context: DistillContext | None = None,
+        ce_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if self.requires_teacher and teacher is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a teacher, but teacher=none was chosen: pick one, "
+                "e.g. teacher=resnet56 (add teacher.ckpt=<file> to use trained weights)"
+            )
+        self.context = context or DistillContext()
+        self.ce_weight = ce_weight
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        """Names of the (student, teacher) layers whose outputs :meth:`forward` reads."""
+        return [], []
+
+    def forward(self, out: StepOutputs) -> dict[str, Tensor]:
+        """Named loss terms, each already multiplied by its weight; the module sums them."""
+        raise NotImplementedError
+
+    def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
+        """The weighted hard-label cross-entropy term, omitted when its weight is 0."""
+        if self.ce_weight == 0:
+            return {}
+        return {"ce": self.ce_weight * cross_entropy(out.student_logits, out.targets)}
+
+
+def probe_shapes(
+    model: nn.Module, names: list[str], example_input: Tensor
+) -> dict[str, tuple[int, ...]]:
+    """Output shapes of the layers ``names`` of ``model`` on ``example_input``.
+
+    Runs one forward pass in eval mode without gradients, so BatchNorm statistics are left
+    as they were, and restores the model's train/eval mode afterwards.
+    """
+    import torch
+
+    from distill_zoo.features import FeatureTap
+
+    tap = FeatureTap(model, names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+        return {name: tuple(feature.shape) for name, feature in tap.pop().items()}
+    finally:
+        tap.remove()
+        model.train(was_training)

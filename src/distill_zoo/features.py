@@ -1,0 +1,80 @@
+"""FeatureTap: read intermediate activations of any ``nn.Module`` by layer name.
+
+Forward hooks record the outputs of named submodules, so no model's ``forward`` is ever
+rewritten to return features (the habit of RepDistiller-style code bases).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def layer_names(model: nn.Module, max_depth: int | None = None) -> list[str]:
+    """Names of ``model``'s submodules in registration order, optionally no deeper than ``max_depth``."""
+    names = [name for name, _ in model.named_modules() if name]
+    if max_depth is not None:
+        names = [n for n in names if n.count(".") < max_depth]
+    return names
+
+
+def check_layers(model: nn.Module, names: list[str], role: str = "model") -> None:
+    """Raises ``ValueError`` naming the valid choices if any of ``names`` is not a submodule."""
+    valid = set(layer_names(model))
+    unknown = [n for n in names if n not in valid]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=3)
+        hints.append(f"'{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    shallow = layer_names(model, max_depth=2)
+    raise ValueError(
+        f"unknown layer {', '.join(hints)} in the {role} ({type(model).__name__}). "
+        f"Valid names (two levels deep; `python scripts/list_layers.py <arch>` lists all): "
+        f"{', '.join(shallow)}"
+    )
+
+
+class FeatureTap:
+    """Records the outputs of named submodules on every forward pass.
+
+    Example:
+        >>> tap = FeatureTap(model, ["layer2", "layer3"])
+        >>> logits = model(images)
+        >>> tap.features["layer3"].shape
+
+    Args:
+        model: Any module; names are those of ``model.named_modules()``.
+        names: Layers to record. Unknown names fail here, listing the valid ones.
+        role: How error messages refer to the model ("student", "teacher").
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], role: str = "model") -> None:
+        names = list(dict.fromkeys(names))
+        check_layers(model, names, role)
+        self.names = names
+        self.features: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = [
+            model.get_submodule(name).register_forward_hook(self._recorder(name)) for name in names
+        ]
+
+    def _recorder(self, name: str):
+        def record(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            self.features[name] = output
+
+        return record
+
+    def pop(self) -> dict[str, Tensor]:
+        """Returns the features of the last forward pass and forgets them (frees memory)."""
+        features, self.features = self.features, {}
+        return features
+
+    def remove(self) -> None:
+        """Detaches the hooks; the model runs as if never tapped."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.features = {}

@@ -1,0 +1,203 @@
+"""DistillationModule: a student, a frozen teacher and a distiller in one LightningModule."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill_zoo.distillers.base import Distiller, StepOutputs
+from distill_zoo.features import FeatureTap
+from distill_zoo.losses import cross_entropy
+
+# The frozen teacher is in eval mode on purpose; Lightning would warn about it every fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Puts ``model`` in eval mode with gradients off: a teacher that never changes."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _numpy_state_to_safe(state: tuple) -> dict:
+    """numpy's RNG state as tensors and plain numbers, loadable with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = state
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_safe(state: dict) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` with the loss terms of ``distiller``, reading a frozen ``teacher``.
+
+    The teacher stays in eval mode for the whole run (its BatchNorm statistics never move),
+    runs under ``torch.no_grad()``, and is not in the optimizer. The student and the
+    distiller's own trainable parts (regressors, embeddings) are.
+
+    Logged: ``train/loss`` and each ``train/loss_<term>``; student ``{train,val,test}/acc1``
+    and ``{val,test}/acc5``; teacher ``{val,test}/teacher_acc1`` and teacher-student
+    ``{val,test}/agreement`` (fraction of equal argmax).
+
+    Args:
+        student: Network being trained.
+        teacher: Frozen teacher, or ``None`` for plain training.
+        distiller: Produces the weighted loss terms.
+        optimizer: Builds the optimizer from parameters (a Hydra ``_partial_`` config).
+        scheduler: Builds an epoch-wise learning-rate scheduler, or ``None``.
+        num_classes: Classes of the data set, for the accuracy metrics.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        distiller: Distiller,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.distiller = distiller
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        student_layers, teacher_layers = distiller.layers()
+        self.student_tap = FeatureTap(student, student_layers, role="student")
+        self.teacher_tap = (
+            FeatureTap(teacher, teacher_layers, role="teacher") if teacher is not None else None
+        )
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.eval_metrics = nn.ModuleDict(
+            {
+                stage: MetricCollection(
+                    {
+                        "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                        "acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+                        "teacher_acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                        "agreement": MeanMetric(),
+                    },
+                    prefix=f"{stage}/",
+                    compute_groups=False,
+                )
+                for stage in ("val", "test")
+            }
+        )
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Switches the student and distiller; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _teacher_forward(self, images: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+        if self.teacher is None:
+            return None, {}
+        with torch.no_grad():
+            logits = self.teacher(images)
+        return logits, self.teacher_tap.pop()
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets, indices = batch
+        teacher_logits, teacher_features = self._teacher_forward(images)
+        student_logits = self.student(images)
+        terms = self.distiller(
+            StepOutputs(
+                images=images,
+                targets=targets,
+                indices=indices,
+                student_logits=student_logits,
+                teacher_logits=teacher_logits,
+                student_features=self.student_tap.pop(),
+                teacher_features=teacher_features,
+                epoch=self.current_epoch,
+            )
+        )
+        loss = torch.stack(list(terms.values())).sum()
+        batch_size = images.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True,
+                     batch_size=batch_size)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size)
+        self.train_acc1(student_logits.detach(), targets)
+        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True,
+                 batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
+        images, targets, _ = batch
+        student_logits = self.student(images)
+        self.student_tap.pop()
+        teacher_logits, _ = self._teacher_forward(images)
+        metrics = self.eval_metrics[stage]
+        metrics["acc1"].update(student_logits, targets)
+        metrics["acc5"].update(student_logits, targets)
+        batch_size = images.shape[0]
+        self.log(f"{stage}/loss_ce", cross_entropy(student_logits, targets),
+                 on_epoch=True, batch_size=batch_size)
+        logged = ["acc1", "acc5"]
+        if teacher_logits is not None:
+            metrics["teacher_acc1"].update(teacher_logits, targets)
+            metrics["agreement"].update(
+                (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+            )
+            logged += ["teacher_acc1", "agreement"]
+        for name in logged:
+            self.log(f"{stage}/{name}", metrics[name], on_epoch=True, prog_bar=name == "acc1",
+                     batch_size=batch_size)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        # The teacher is frozen and not a parameter owner here; distiller parts train.
+        params = [p for p in (*self.student.parameters(), *self.distiller.parameters())
+                  if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                          "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning does not store RNG states; without them a resumed run shuffles and
+        # augments differently from an uninterrupted one.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_safe(np.random.get_state()),
+            "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        np.random.set_state(_numpy_state_from_safe(states["numpy"]))
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
