@@ -1,4 +1,4 @@
-"""DistillationModule: the teacher is frozen (eval, no grad, BN statistics fixed, not optimised)."""
+"""DistillationModule: the teacher is frozen (eval, no grad, fixed BN statistics, no optimiser)."""
 
 import lightning as L
 import torch
@@ -11,8 +11,12 @@ from distill_zoo.module import DistillationModule
 
 def conv_net(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4),
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 4),
     )
 
 
@@ -28,17 +32,25 @@ def make_module(teacher: nn.Module | None, distiller_cls=KD) -> DistillationModu
     student = conv_net(8)
     distiller = distiller_cls(student, teacher, context=DistillContext(num_classes=4))
     return DistillationModule(
-        student, teacher, distiller,
+        student,
+        teacher,
+        distiller,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        scheduler=None, num_classes=4,
+        scheduler=None,
+        num_classes=4,
     )
 
 
 def fit(module: DistillationModule, steps: int = 6) -> L.Trainer:
     train, val = loaders()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return trainer
 
@@ -57,8 +69,10 @@ def test_teacher_weights_and_batchnorm_statistics_never_change():
         assert torch.equal(value, after[key]), f"teacher {key} changed"
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(student_before, module.student.parameters(),
-                                                     strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(student_before, module.student.parameters(), strict=True)
+    )
 
 
 def test_teacher_stays_in_eval_when_module_switches_to_train():
@@ -80,8 +94,16 @@ def test_logs_every_loss_term_and_teacher_metrics():
     module = make_module(conv_net(16))
     trainer = fit(module, steps=8)
     logged = trainer.callback_metrics
-    for key in ("train/loss", "train/loss_ce", "train/loss_kd", "train/acc1", "val/acc1",
-                "val/acc5", "val/teacher_acc1", "val/agreement"):
+    for key in (
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_kd",
+        "train/acc1",
+        "val/acc1",
+        "val/acc5",
+        "val/teacher_acc1",
+        "val/agreement",
+    ):
         assert key in logged, key
     assert 0.0 <= float(logged["val/agreement"]) <= 1.0
 

@@ -24,9 +24,14 @@ def test_loads_common_checkpoint_layouts(tmp_path, trained, layout):
         "plain": state,
         "model": {"model": state, "epoch": 240, "accuracy": 73.4},
         "net": {"net": state},
-        "lightning": {"state_dict": {**{f"student.{k}": v for k, v in state.items()},
-                                     "teacher.0.weight": torch.zeros(1)},
-                      "epoch": 3, "global_step": 10},
+        "lightning": {
+            "state_dict": {
+                **{f"student.{k}": v for k, v in state.items()},
+                "teacher.0.weight": torch.zeros(1),
+            },
+            "epoch": 3,
+            "global_step": 10,
+        },
         "dataparallel": {f"module.{k}": v for k, v in state.items()},
     }[layout]
     path = tmp_path / "teacher.pt"

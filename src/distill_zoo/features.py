@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 
 def layer_names(model: nn.Module, max_depth: int | None = None) -> list[str]:
-    """Names of ``model``'s submodules in registration order, optionally no deeper than ``max_depth``."""
+    """Names of the submodules of ``model`` in order, at most ``max_depth`` levels deep."""
     names = [name for name, _ in model.named_modules() if name]
     if max_depth is not None:
         names = [n for n in names if n.count(".") < max_depth]

@@ -34,8 +34,13 @@ def freeze(model: nn.Module) -> nn.Module:
 def _numpy_state_to_safe(state: tuple) -> dict:
     """numpy's RNG state as tensors and plain numbers, loadable with ``weights_only=True``."""
     kind, keys, pos, has_gauss, cached = state
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_safe(state: dict) -> tuple:
@@ -134,13 +139,16 @@ class DistillationModule(L.LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         batch_size = images.shape[0]
         for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True,
-                     batch_size=batch_size)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=batch_size)
+            self.log(
+                f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size
+            )
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
         self.train_acc1(student_logits.detach(), targets)
-        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True,
-                 batch_size=batch_size)
+        self.log(
+            "train/acc1", self.train_acc1, on_step=False, on_epoch=True, batch_size=batch_size
+        )
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
@@ -152,8 +160,12 @@ class DistillationModule(L.LightningModule):
         metrics["acc1"].update(student_logits, targets)
         metrics["acc5"].update(student_logits, targets)
         batch_size = images.shape[0]
-        self.log(f"{stage}/loss_ce", cross_entropy(student_logits, targets),
-                 on_epoch=True, batch_size=batch_size)
+        self.log(
+            f"{stage}/loss_ce",
+            cross_entropy(student_logits, targets),
+            on_epoch=True,
+            batch_size=batch_size,
+        )
         logged = ["acc1", "acc5"]
         if teacher_logits is not None:
             metrics["teacher_acc1"].update(teacher_logits, targets)
@@ -162,8 +174,13 @@ class DistillationModule(L.LightningModule):
             )
             logged += ["teacher_acc1", "agreement"]
         for name in logged:
-            self.log(f"{stage}/{name}", metrics[name], on_epoch=True, prog_bar=name == "acc1",
-                     batch_size=batch_size)
+            self.log(
+                f"{stage}/{name}",
+                metrics[name],
+                on_epoch=True,
+                prog_bar=name == "acc1",
+                batch_size=batch_size,
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -173,14 +190,19 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self):
         # The teacher is frozen and not a parameter owner here; distiller parts train.
-        params = [p for p in (*self.student.parameters(), *self.distiller.parameters())
-                  if p.requires_grad]
+        params = [
+            p
+            for p in (*self.student.parameters(), *self.distiller.parameters())
+            if p.requires_grad
+        ]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                          "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning does not store RNG states; without them a resumed run shuffles and

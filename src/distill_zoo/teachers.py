@@ -30,7 +30,11 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Ten
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, Tensor) for v in obj.values())
+    ):
         raise ValueError(
             f"{source} holds no state dict: expected a Lightning checkpoint, a plain state dict, "
             "or a dict with a 'model', 'net' or 'state_dict' entry"
@@ -69,14 +73,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
+        for k in sorted(own.keys() & state.keys())
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong_shape:
         details = "; ".join(
             f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected),
-                                 ("shape mismatch", wrong_shape))
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", wrong_shape),
+            )
             if items
         )
         raise ValueError(
@@ -106,9 +113,9 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
 
 def teacher_key(run_cfg: DictConfig) -> str:
     """Cache key: architecture plus a hash of everything that changes the trained weights."""
+    full = OmegaConf.to_container(run_cfg, resolve=True)
     recipe = {
-        key: OmegaConf.to_container(run_cfg[key], resolve=True)
-        for key in ("student", "data", "optim", "sched", "epochs", "seed")
+        key: full.get(key) for key in ("student", "data", "optim", "sched", "epochs", "seed")
     }
     recipe["data"].pop("num_workers", None)
     recipe["precision"] = run_cfg.trainer.get("precision")
@@ -130,8 +137,11 @@ def train_or_load_cached(cfg: DictConfig, model: nn.Module) -> nn.Module:
     run_dir = Path(cfg.teacher_store).expanduser() / teacher_key(run_cfg)
     cached = run_dir / TEACHER_FILE
     if not cached.is_file():
-        log.info("No teacher.ckpt given: training teacher %s once, cached in %s",
-                 run_cfg.student.name, run_dir)
+        log.info(
+            "No teacher.ckpt given: training teacher %s once, cached in %s",
+            run_cfg.student.name,
+            run_dir,
+        )
         metrics = train.run(run_cfg, run_dir)
         best = extract_state_dict(
             torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)

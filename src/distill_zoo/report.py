@@ -1,0 +1,94 @@
+"""Tabulate runs: ``python -m distill_zoo.report <run or sweep dir>``.
+
+Finds every run folder below the given one (a folder with ``config.yaml``), groups the runs
+by their command-line overrides without ``seed``, and prints mean +- std over seeds of the
+metrics in each run's ``metrics.json``. Runs without ``metrics.json`` (still running, or
+crashed) are listed as unfinished, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+COLUMNS = {
+    "best_val_acc1": "best val top-1",
+    "test_acc1_best": "test top-1 (best val)",
+    "test_acc1_last": "test top-1 (last)",
+    "teacher_test_acc1": "teacher top-1",
+    "test_agreement_best": "agreement",
+}
+IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run folders below ``root`` (itself included), in path order."""
+    return sorted(p.parent for p in root.rglob("config.yaml") if "checkpoints" not in p.parts)
+
+
+def overrides_of(run: Path) -> list[str]:
+    """The run's command-line overrides that define its group (seed and resume left out)."""
+    path = run / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.is_file() else []
+    return sorted(
+        o for o in items or [] if o.split("=", 1)[0].lstrip("+~") not in IGNORED_OVERRIDES
+    )
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    scale = 100 if all(0 <= v <= 1 for v in values) else 1  # accuracies are stored as fractions
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} +- {statistics.stdev(values) * scale:.2f}"
+
+
+def summarise(root: Path) -> tuple[list[dict], list[Path]]:
+    """Rows of the table (one per override group) and the unfinished runs."""
+    groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    unfinished = []
+    for run in find_runs(root):
+        metrics_file = run / "metrics.json"
+        if not metrics_file.is_file():
+            unfinished.append(run)
+            continue
+        groups[tuple(overrides_of(run))].append(json.loads(metrics_file.read_text()))
+    rows = []
+    for overrides, runs in sorted(groups.items()):
+        row = {"overrides": " ".join(overrides) or "(defaults)", "runs": len(runs)}
+        for key, title in COLUMNS.items():
+            row[title] = mean_std([r[key] for r in runs if r.get(key) is not None])
+        rows.append(row)
+    return rows, unfinished
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no finished runs)"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distill_zoo.report", description=__doc__)
+    parser.add_argument("directory", type=Path, help="a run, sweep (multirun) or outputs folder")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory} is not a folder")
+    rows, unfinished = summarise(args.directory)
+    print(markdown_table(rows))
+    for run in unfinished:
+        print(f"unfinished (no metrics.json: still running or crashed): {run}")
+
+
+if __name__ == "__main__":
+    main()

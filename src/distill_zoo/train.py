@@ -1,0 +1,190 @@
+"""One training run: build everything from the config, fit, test, write ``metrics.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distill_zoo import teachers
+from distill_zoo.distillers.base import DistillContext
+from distill_zoo.module import DistillationModule
+
+log = logging.getLogger(__name__)
+
+MODEL_META_KEYS = ("feature_layers", "ckpt")
+"""Keys of a student/teacher config that describe the model rather than construct it."""
+
+
+def build_model(node: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """Instantiates a ``student``/``teacher`` config with the data's class and channel count."""
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(node, resolve=True).items()
+        if k not in MODEL_META_KEYS
+    }
+    return instantiate(kwargs, num_classes=num_classes, in_channels=in_channels)
+
+
+def has_teacher(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` names a teacher (``teacher=none`` leaves the group empty)."""
+    return bool(cfg.get("teacher")) and "_target_" in cfg.teacher
+
+
+def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module | None:
+    """The teacher the distiller needs: from ``teacher.ckpt``, or trained once and cached."""
+    if not get_class(cfg.distiller._target_).requires_teacher:
+        return None
+    if not has_teacher(cfg):
+        raise ValueError(
+            f"distiller {cfg.distiller._target_} needs a teacher, but teacher=none: choose one, "
+            "e.g. teacher=resnet56 teacher.ckpt=<file>"
+        )
+    teacher = build_model(cfg.teacher, num_classes, in_channels)
+    if cfg.teacher.get("ckpt"):
+        return teachers.load_weights(teacher, cfg.teacher.ckpt)
+    return teachers.train_or_load_cached(cfg, teacher)
+
+
+def warn_about_schedule(cfg: DictConfig) -> None:
+    """Says so when a multistep schedule's milestones lie beyond the run's last epoch."""
+    milestones = (cfg.get("sched") or {}).get("milestones")
+    if milestones and max(milestones) >= cfg.epochs:
+        log.warning(
+            "sched milestones %s lie at or beyond epochs=%d: the learning rate decays at "
+            "fewer milestones than planned (the 240-epoch CIFAR recipe uses 150,180,210)",
+            list(milestones),
+            cfg.epochs,
+        )
+
+
+def resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path=``, else ``last.ckpt`` with ``resume=true``."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={path} does not exist")
+        return str(path)
+    last = checkpoint_dir / "last.ckpt"
+    if cfg.get("resume"):
+        if last.is_file():
+            log.info("Resuming from %s", last)
+            return str(last)
+        log.warning("resume=true but %s does not exist: starting from scratch", last)
+    return None
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    loggers = [
+        instantiate(node, save_dir=str(run_dir / "logs"))
+        for node in (cfg.get("logger") or {}).values()
+    ]
+    extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-{epoch:03d}",
+        monitor="val/acc1",
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    return instantiate(
+        cfg.trainer,
+        max_epochs=cfg.epochs,
+        default_root_dir=str(run_dir),
+        logger=loggers or False,
+        callbacks=[checkpoint, *extra, *callbacks],
+    )
+
+
+def count_parameters(model: nn.Module | None) -> int | None:
+    return None if model is None else sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> dict:
+    """Trains one student as ``cfg`` says, in ``run_dir``, and returns its metrics.
+
+    Writes ``config.yaml`` (resolved), ``checkpoints/{best-*,last}.ckpt``, CSV and TensorBoard
+    logs and ``metrics.json``. With ``resume=true`` a run continues from ``last.ckpt``.
+
+    Args:
+        cfg: The composed config (``conf/train.yaml``).
+        run_dir: Output folder of this run.
+        callbacks: Extra Lightning callbacks (tests use them to interrupt a run).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    warn_about_schedule(cfg)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    num_classes, in_channels = datamodule.num_classes, datamodule.in_channels
+    teacher = build_teacher(cfg, num_classes, in_channels)
+    # Re-seed: the student starts the same whether its teacher was just trained or cached.
+    L.seed_everything(cfg.seed, workers=True)
+    student = build_model(cfg.student, num_classes, in_channels)
+    context = DistillContext(
+        student_stages=list(cfg.student.get("feature_layers") or []),
+        teacher_stages=list(cfg.teacher.get("feature_layers") or []) if teacher else [],
+        example_input=_example_input(datamodule),
+        num_classes=num_classes,
+        num_train_samples=datamodule.num_train_samples,
+    )
+    distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        distiller=distiller,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
+        num_classes=num_classes,
+    )
+    trainer = build_trainer(cfg, run_dir, callbacks or [])
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
+    )
+
+    last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    best = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    checkpoint = trainer.checkpoint_callback
+    metrics = {
+        "best_val_acc1": _float(checkpoint.best_model_score),
+        "test_acc1_best": best.get("test/acc1"),
+        "test_acc5_best": best.get("test/acc5"),
+        "test_acc1_last": last.get("test/acc1"),
+        "test_acc5_last": last.get("test/acc5"),
+        "teacher_test_acc1": best.get("test/teacher_acc1"),
+        "test_agreement_best": best.get("test/agreement"),
+        "student_params": count_parameters(student),
+        "teacher_params": count_parameters(teacher),
+        "epochs": trainer.current_epoch,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "best_checkpoint": checkpoint.best_model_path,
+        "last_checkpoint": checkpoint.last_model_path,
+    }
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+def _example_input(datamodule: L.LightningDataModule):
+    import torch
+
+    height, width = datamodule.image_size
+    return torch.zeros(2, datamodule.in_channels, height, width)
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
