@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -18,8 +19,18 @@ def main(cfg: DictConfig) -> float | None:
     """Runs one training (or, with ``-m``, one run of a sweep); returns best val top-1."""
     from distill_zoo import train
 
+    _route_lightning_logs_through_hydra()
     metrics = train.run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return metrics["best_val_acc1"]
+
+
+def _route_lightning_logs_through_hydra() -> None:
+    # Lightning may attach its own console handler at import; Hydra's root handler already
+    # prints and writes the run's log file, so every message would appear twice.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
 
 
 if __name__ == "__main__":

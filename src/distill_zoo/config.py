@@ -21,7 +21,8 @@ def run_dir(root: str, override_dirname: str, resume: bool) -> str:
     command can find the newest earlier run of that command and continue it in place; a run
     without ``resume`` always gets a new folder, so nothing saved earlier is overwritten.
     """
-    group = Path(root) / (override_dirname or "default")
+    # Paths in overrides (teacher.ckpt=/a/b.ckpt) must not nest folders.
+    group = Path(root) / (override_dirname.replace("/", "_") or "default")
     if resume and group.is_dir():
         earlier = sorted(p for p in group.iterdir() if (p / "checkpoints" / "last.ckpt").is_file())
         if earlier:

@@ -28,7 +28,9 @@ IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root")
 
 def find_runs(root: Path) -> list[Path]:
     """Run folders below ``root`` (itself included), in path order."""
-    return sorted(p.parent for p in root.rglob("config.yaml") if "checkpoints" not in p.parts)
+    return sorted(
+        p.parent for p in root.rglob("config.yaml") if not {".hydra", "checkpoints"} & set(p.parts)
+    )
 
 
 def overrides_of(run: Path) -> list[str]:
@@ -50,8 +52,9 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.2f} +- {statistics.stdev(values) * scale:.2f}"
 
 
-def summarise(root: Path) -> tuple[list[dict], list[Path]]:
-    """Rows of the table (one per override group) and the unfinished runs."""
+def summarise(root: Path) -> tuple[list[dict], list[Path], list[str]]:
+    """Rows of the table (one per override group), the unfinished runs, and the overrides
+    shared by every group (left out of the rows' labels to keep them short)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     unfinished = []
     for run in find_runs(root):
@@ -60,13 +63,16 @@ def summarise(root: Path) -> tuple[list[dict], list[Path]]:
             unfinished.append(run)
             continue
         groups[tuple(overrides_of(run))].append(json.loads(metrics_file.read_text()))
+    common = sorted(set.intersection(*map(set, groups))) if len(groups) > 1 else []
     rows = []
     for overrides, runs in sorted(groups.items()):
-        row = {"overrides": " ".join(overrides) or "(defaults)", "runs": len(runs)}
+        varying = [o for o in overrides if o not in common]
+        label = " ".join(varying) or ("(defaults)" if not overrides else " ".join(overrides))
+        row = {"overrides": label, "runs": len(runs)}
         for key, title in COLUMNS.items():
             row[title] = mean_std([r[key] for r in runs if r.get(key) is not None])
         rows.append(row)
-    return rows, unfinished
+    return rows, unfinished, common
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -84,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
         parser.error(f"{args.directory} is not a folder")
-    rows, unfinished = summarise(args.directory)
+    rows, unfinished, common = summarise(args.directory)
+    if common:
+        print(f"common overrides: {' '.join(common)}\n")
     print(markdown_table(rows))
     for run in unfinished:
         print(f"unfinished (no metrics.json: still running or crashed): {run}")

@@ -155,11 +155,17 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
     )
 
-    last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    best = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    # Read before testing "best": loading that checkpoint rolls the callback's state back.
     checkpoint = trainer.checkpoint_callback
+    best_score, best_path, last_path = (
+        _float(checkpoint.best_model_score),
+        checkpoint.best_model_path,
+        checkpoint.last_model_path,
+    )
+    last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    best = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     metrics = {
-        "best_val_acc1": _float(checkpoint.best_model_score),
+        "best_val_acc1": best_score,
         "test_acc1_best": best.get("test/acc1"),
         "test_acc5_best": best.get("test/acc5"),
         "test_acc1_last": last.get("test/acc1"),
@@ -170,8 +176,8 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         "teacher_params": count_parameters(teacher),
         "epochs": trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "best_checkpoint": checkpoint.best_model_path,
-        "last_checkpoint": checkpoint.last_model_path,
+        "best_checkpoint": best_path,
+        "last_checkpoint": last_path,
     }
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
