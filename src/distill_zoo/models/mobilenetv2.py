@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 # (expansion t, output channels c at width 1.0, repeats n, stride s of the first repeat)
 _STAGES: list[list[tuple[int, int, int, int]]] = [
     [(1, 16, 1, 1), (6, 24, 2, 1)],
@@ -106,15 +108,7 @@ class MobileNetV2(nn.Module):
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(last, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``.
@@ -82,12 +84,7 @@ class CifarResNet(nn.Module):
         self.layer3 = _make_stage(w2, w3, blocks, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""

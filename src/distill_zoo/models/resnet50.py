@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (x4), with a residual connection.
@@ -72,12 +74,7 @@ class CifarResNet50(nn.Module):
         self.layer4 = _make_stage(1024, 512, 3, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""

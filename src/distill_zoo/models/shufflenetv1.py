@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 
 class ChannelShuffle(nn.Module):
     """Interleave the channels of ``groups`` groups: (N, g*c, H, W) -> view (N, g, c) -> (N, c, g).
@@ -117,12 +119,7 @@ class ShuffleNetV1(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 _CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -51,16 +53,7 @@ class VGG(nn.Module):
             pool = nn.MaxPool2d(2) if i < 4 else nn.AdaptiveAvgPool2d(1)
             self.add_module(f"pool{i}", pool)
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""

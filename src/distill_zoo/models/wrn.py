@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill_zoo.models.init import init_weights
+
 
 class PreActBlock(nn.Module):
     """``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``; a 1x1 conv on ``relu(bn1(x))`` when the
@@ -73,14 +75,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits, shape ``(batch, num_classes)``."""
