@@ -20,8 +20,9 @@ def student_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("student.")}
 
 
-def test_kd_run_writes_config_checkpoints_logs_and_metrics(tiny_config, tmp_path, teacher_store):
-    metrics = train.run(tiny_config("distiller=kd"), tmp_path)
+def test_kd_run_writes_config_checkpoints_logs_and_metrics(tiny_config, tmp_path):
+    teacher_store = tmp_path / "store"
+    metrics = train.run(tiny_config("distiller=kd", f"teacher_store={teacher_store}"), tmp_path)
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
@@ -45,18 +46,20 @@ def test_kd_run_writes_config_checkpoints_logs_and_metrics(tiny_config, tmp_path
     assert len(list(teacher_store.glob("resnet14-*/teacher.pt"))) == 1
 
 
-def test_teacher_is_trained_once_and_reused(tiny_config, tmp_path, teacher_store):
-    train.run(tiny_config("distiller=kd"), tmp_path / "a")
+def test_teacher_is_trained_once_and_reused(tiny_config, tmp_path):
+    teacher_store = tmp_path / "store"
+    store = f"teacher_store={teacher_store}"
+    train.run(tiny_config("distiller=kd", store), tmp_path / "a")
     cached = next(teacher_store.glob("resnet14-*/teacher.pt"))
     stamp = cached.stat().st_mtime_ns
-    train.run(tiny_config("distiller=kd", "seed=1"), tmp_path / "b")  # student seed only
+    train.run(tiny_config("distiller=kd", "seed=1", store), tmp_path / "b")  # student seed only
     assert cached.stat().st_mtime_ns == stamp
     assert len(list(teacher_store.glob("resnet14-*"))) == 1
-    train.run(tiny_config("distiller=kd", "teacher=resnet8"), tmp_path / "c")
+    train.run(tiny_config("distiller=kd", "teacher=resnet8", store), tmp_path / "c")
     assert len(list(teacher_store.glob("resnet8-*/teacher.pt"))) == 1
 
 
-def test_teacher_ckpt_is_loaded_not_retrained(tiny_config, tmp_path, teacher_store):
+def test_teacher_ckpt_is_loaded_not_retrained(tiny_config, tmp_path):
     first = train.run(tiny_config("distiller=none", "teacher=none"), tmp_path / "t")
     cfg = tiny_config(
         "distiller=kd", "teacher=resnet8", f"teacher.ckpt={first['best_checkpoint']}"

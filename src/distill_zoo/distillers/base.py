@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from distill_zoo.losses import cross_entropy
+from distill_zoo.losses import cross_entropy, kd_loss
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,10 @@ class Distiller(nn.Module):
         student: The student network (read for shapes only).
         teacher: The frozen teacher, or ``None``.
         context: Facts about the run (stages, an example batch, data set sizes).
-        ce_weight: Weight of the cross-entropy with the hard labels (``gamma`` in the CRD
+        ce_weight: Weight of the cross-entropy with the hard labels (``g`` in the CRD
             benchmark's ``g*CE + a*KD + b*method``).
+        kd_weight: Weight ``a`` of Hinton's logit KD term added to any method (0: none).
+        kd_temperature: Temperature of that KD term.
     """
 
     requires_teacher: bool = True
@@ -73,6 +75,8 @@ class Distiller(nn.Module):
         *,
         context: DistillContext | None = None,
         ce_weight: float = 1.0,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
     ) -> None:
         super().__init__()
         if self.requires_teacher and teacher is None:
@@ -80,8 +84,12 @@ class Distiller(nn.Module):
                 f"{type(self).__name__} needs a teacher, but teacher=none was chosen: pick one, "
                 "e.g. teacher=resnet56 (add teacher.ckpt=<file> to use trained weights)"
             )
+        if kd_temperature <= 0:
+            raise ValueError(f"the KD temperature must be > 0, got {kd_temperature}")
         self.context = context or DistillContext()
         self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+        self.kd_temperature = kd_temperature
 
     def layers(self) -> tuple[list[str], list[str]]:
         """Names of the (student, teacher) layers whose outputs :meth:`forward` reads."""
@@ -96,6 +104,16 @@ class Distiller(nn.Module):
         if self.ce_weight == 0:
             return {}
         return {"ce": self.ce_weight * cross_entropy(out.student_logits, out.targets)}
+
+    def logit_terms(self, out: StepOutputs) -> dict[str, Tensor]:
+        """``ce`` and, when ``kd_weight > 0``, Hinton's ``kd`` term: what every method adds
+        its own term to (``loss = g*CE + a*KD + b*method``)."""
+        terms = self.ce_term(out)
+        if self.kd_weight:
+            terms["kd"] = self.kd_weight * kd_loss(
+                out.student_logits, out.teacher_logits, self.kd_temperature
+            )
+        return terms
 
 
 def probe_shapes(
@@ -120,3 +138,40 @@ def probe_shapes(
     finally:
         tap.remove()
         model.train(was_training)
+
+
+def select_layers(
+    stages: list[str], choice: str | int | list | None, default: str | int
+) -> list[str]:
+    """Layer names from a portable choice over a model's stages (zoo ``feature_layers``).
+
+    Args:
+        stages: The model's stage layers in forward order.
+        choice: ``"all"``, ``"last"``, an int index into ``stages`` (negative counts from the
+            end), a list of such ints, a list of explicit layer names, or ``None`` for
+            ``default``.
+        default: The method's own default, in the same forms.
+
+    Raises:
+        ValueError: an index outside ``stages``, or a portable choice on a model whose config
+            names no ``feature_layers``.
+    """
+    choice = default if choice is None else choice
+    if isinstance(choice, str) and choice not in ("all", "last"):
+        return [choice]
+    if isinstance(choice, (list, tuple)) and all(isinstance(c, str) for c in choice):
+        return list(choice)
+    if not stages:
+        raise ValueError(
+            f"layer choice {choice!r} needs the model's stage layers, but its config names no "
+            "feature_layers: add them to the student/teacher config or name layers explicitly"
+        )
+    if choice == "all":
+        return list(stages)
+    if choice == "last":
+        return [stages[-1]]
+    indices = [choice] if isinstance(choice, int) else list(choice)
+    for i in indices:
+        if not -len(stages) <= i < len(stages):
+            raise ValueError(f"stage index {i} is outside the {len(stages)} stages {stages}")
+    return [stages[i] for i in indices]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.losses import kd_loss
 
 
 class KD(Distiller):
@@ -32,15 +31,14 @@ class KD(Distiller):
         kd_weight: float = 0.9,
         ce_weight: float = 0.1,
     ) -> None:
-        super().__init__(student, teacher, context=context, ce_weight=ce_weight)
-        if temperature <= 0:
-            raise ValueError(f"distiller.temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.kd_weight = kd_weight
+        super().__init__(
+            student,
+            teacher,
+            context=context,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            kd_temperature=temperature,
+        )
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
-        terms = self.ce_term(out)
-        terms["kd"] = self.kd_weight * kd_loss(
-            out.student_logits, out.teacher_logits, self.temperature
-        )
-        return terms
+        return self.logit_terms(out)
