@@ -140,6 +140,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         example_input=_example_input(datamodule),
         num_classes=num_classes,
         num_train_samples=datamodule.num_train_samples,
+        train_targets=datamodule.train_targets,
     )
     distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
     module = DistillationModule(

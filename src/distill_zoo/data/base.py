@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset
 Transform = Callable[[Any], torch.Tensor]
 
 _KNOWN_AFTER_SETUP = frozenset(
-    {"num_classes", "in_channels", "image_size", "num_train_samples", "class_names"}
+    {
+        "num_classes",
+        "in_channels",
+        "image_size",
+        "num_train_samples",
+        "class_names",
+        "train_targets",
+    }
 )
 
 
@@ -188,6 +195,8 @@ class BaseDataModule(L.LightningDataModule):
         self.val_set = SplitDataset(pool, val_positions, eval_transform)
         self.test_set = SplitDataset(test, None, eval_transform)
         self.num_train_samples = len(train_positions)
+        # Labels of the training split by index (CRD's class-aware negatives need them).
+        self.train_targets = torch.as_tensor(np.asarray(labels)[train_positions], dtype=torch.long)
         self.train_set = SplitDataset(pool, train_positions, train_transform)
 
     def train_dataloader(self) -> DataLoader:

@@ -20,6 +20,8 @@ class DistillContext:
             feature shapes (so trainable parts are built in ``__init__``).
         num_classes: Classes of the data set.
         num_train_samples: Size of the training split (memory banks are indexed by it).
+        train_targets: Label of each training sample by its index (``[num_train_samples]``),
+            for methods that sample by class (CRD's negatives).
     """
 
     student_stages: list[str] = field(default_factory=list)
@@ -27,6 +29,7 @@ class DistillContext:
     example_input: Tensor | None = None
     num_classes: int = 0
     num_train_samples: int = 0
+    train_targets: Tensor | None = None
 
 
 @dataclass
