@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -162,8 +163,10 @@ def select_layers(
     choice = default if choice is None else choice
     if isinstance(choice, str) and choice not in ("all", "last"):
         return [choice]
-    if isinstance(choice, (list, tuple)) and all(isinstance(c, str) for c in choice):
-        return list(choice)
+    if isinstance(choice, Sequence) and not isinstance(choice, str):
+        choice = list(choice)  # Hydra passes ListConfig
+        if all(isinstance(c, str) for c in choice):
+            return choice
     if not stages:
         raise ValueError(
             f"layer choice {choice!r} needs the model's stage layers, but its config names no "
