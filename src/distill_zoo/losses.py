@@ -7,6 +7,11 @@ small probabilities that carry the "dark knowledge".
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -47,4 +52,589 @@ def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()
 
 
-__all__ = ["cross_entropy", "kd_loss", "top1_agreement"]
+# --- FitNets, AT, FSP, NST: feature maps ---------------------------------------------
+
+FORMULATIONS = ("repdistiller", "paper")
+"""``repdistiller``: the reference code of Tian et al. (CRD, ICLR 2020), whose CIFAR-100
+benchmark the default weights belong to; ``paper``: the formula as the method's paper writes it."""
+
+
+def _check_formulation(formulation: str) -> None:
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+
+
+def _as_list(features: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [features] if isinstance(features, Tensor) else list(features)
+
+
+def _check_pairs(student: list[Tensor], teacher: list[Tensor], method: str) -> None:
+    if len(student) != len(teacher) or not student:
+        raise ValueError(
+            f"{method} needs as many student as teacher features (at least one), got "
+            f"{len(student)} and {len(teacher)}"
+        )
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if s.dim() != 4 or t.dim() != 4 or s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"{method} needs [B, C, H, W] feature maps with the same batch size; pair {i} "
+                f"has student {tuple(s.shape)} and teacher {tuple(t.shape)}"
+            )
+
+
+def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pools the larger of two ``[B, C, H, W]`` maps to the smaller's ``H x W``.
+
+    Each spatial dimension shrinks to the smaller of the two (adaptive average pooling), as
+    RepDistiller does where student and teacher resolutions differ.
+    """
+    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    if tuple(a.shape[-2:]) != size:
+        a = F.adaptive_avg_pool2d(a, size)
+    if tuple(b.shape[-2:]) != size:
+        b = F.adaptive_avg_pool2d(b, size)
+    return a, b
+
+
+def hint_loss(
+    student_hint: Tensor, teacher_hint: Tensor, formulation: str = "repdistiller"
+) -> Tensor:
+    """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015),
+    https://arxiv.org/abs/1412.6550.
+
+    L2 distance between the regressed student guided layer ``r(v_g)`` and the teacher hint
+    ``u_h``, which must have the same shape.
+
+    - ``repdistiller`` (default): mean squared error over all elements (``nn.MSELoss``).
+    - ``paper``: ``1/2 * ||u_h - r(v_g)||^2`` per sample (Eq. 3), averaged over the batch.
+
+    Args:
+        student_hint: Regressed student features, any shape ``[B, ...]``.
+        teacher_hint: Teacher hint features, same shape.
+        formulation: ``"repdistiller"`` or ``"paper"``.
+    """
+    _check_formulation(formulation)
+    if student_hint.shape != teacher_hint.shape:
+        raise ValueError(
+            f"the regressed student hint {tuple(student_hint.shape)} and the teacher hint "
+            f"{tuple(teacher_hint.shape)} differ in shape"
+        )
+    diff = student_hint.float() - teacher_hint.float()
+    if formulation == "repdistiller":
+        return diff.pow(2).mean()
+    return 0.5 * diff.pow(2).sum() / diff.shape[0]
+
+
+def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+    """Activation-based spatial attention ``Q = mean_c |A_c|^p``, flattened to ``[B, H*W]`` and
+    L2-normalised per sample (Zagoruyko & Komodakis, ICLR 2017, Sec. 3.1; the mean over
+    channels differs from their sum by a constant that the normalisation removes)."""
+    q = feature.float().abs().pow(p).mean(dim=1).flatten(1)
+    return F.normalize(q, p=2.0, dim=1)
+
+
+def at_loss(
+    student_features: Tensor | Sequence[Tensor],
+    teacher_features: Tensor | Sequence[Tensor],
+    p: float = 2.0,
+    formulation: str = "repdistiller",
+) -> Tensor:
+    """Zagoruyko & Komodakis, "Paying More Attention to Attention: Improving the Performance of
+    Convolutional Neural Networks via Attention Transfer" (ICLR 2017),
+    https://arxiv.org/abs/1612.03928.
+
+    Summed over the matched layer pairs ``j``, with ``q = Q / ||Q||_2`` from
+    :func:`attention_map` (the larger feature map is first average-pooled to the smaller's
+    spatial size, as in RepDistiller):
+
+    - ``repdistiller`` (default; also the authors' code): ``mean_{b, position} (q_s - q_t)^2``.
+    - ``paper``: ``mean_b ||q_s - q_t||_2`` (Eq. 2 without its ``beta/2``, which is the
+      distiller's weight).
+
+    Args:
+        student_features: One ``[B, C_s, H, W]`` map or a sequence of them.
+        teacher_features: The matching teacher map(s); channels may differ.
+        p: Exponent of the attention map.
+        formulation: ``"repdistiller"`` or ``"paper"``.
+    """
+    _check_formulation(formulation)
+    student, teacher = _as_list(student_features), _as_list(teacher_features)
+    _check_pairs(student, teacher, "at_loss")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher, strict=True):
+        q_s, q_t = (attention_map(f, p) for f in match_spatial(s, t))
+        diff = q_s - q_t
+        if formulation == "repdistiller":
+            total = total + diff.pow(2).mean()
+        else:
+            total = total + diff.norm(p=2, dim=1).mean()
+    return total
+
+
+def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
+    """Flow of solution procedure (FSP) matrix of two layers of one network (Yim et al.,
+    CVPR 2017, Eq. 1): ``G[b, i, j] = 1/(h*w) * sum_{s,t} F1[b, i, s, t] * F2[b, j, s, t]``.
+
+    The larger map is average-pooled to the smaller's spatial size first.
+
+    Returns:
+        ``[B, C1, C2]`` in fp32.
+    """
+    first, second = match_spatial(first.float(), second.float())
+    positions = first.shape[-2] * first.shape[-1]
+    return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / positions
+
+
+def fsp_loss(
+    student_features: Sequence[Tensor],
+    teacher_features: Sequence[Tensor],
+    formulation: str = "repdistiller",
+) -> Tensor:
+    """Yim et al., "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization
+    and Transfer Learning" (CVPR 2017),
+    https://openaccess.thecvf.com/content_cvpr_2017/html/Yim_A_Gift_From_CVPR_2017_paper.html.
+
+    FSP matrices (:func:`fsp_matrix`) of each pair of consecutive features, ``(f_0, f_1),
+    (f_1, f_2), ...``, compared between student and teacher and summed over the pairs (the
+    paper's ``lambda_i`` are all equal):
+
+    - ``repdistiller`` (default): mean of ``(G_s - G_t)^2`` over batch and matrix entries.
+    - ``paper``: squared Frobenius norm ``||G_t - G_s||_2^2`` per sample (Eq. 2), averaged
+      over the batch.
+
+    Args:
+        student_features: At least two ``[B, C_i, H_i, W_i]`` student maps, in forward order.
+        teacher_features: As many teacher maps; pair ``i`` must have the student's channels.
+        formulation: ``"repdistiller"`` or ``"paper"``.
+    """
+    _check_formulation(formulation)
+    student, teacher = list(student_features), list(teacher_features)
+    _check_pairs(student, teacher, "fsp_loss")
+    if len(student) < 2:
+        raise ValueError("fsp_loss needs at least two features per network (one layer pair)")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for i in range(len(student) - 1):
+        g_s = fsp_matrix(student[i], student[i + 1])
+        g_t = fsp_matrix(teacher[i], teacher[i + 1])
+        if g_s.shape != g_t.shape:
+            raise ValueError(
+                f"FSP matrices of pair {i} differ: student {tuple(g_s.shape)[1:]}, teacher "
+                f"{tuple(g_t.shape)[1:]} (the channel counts of both layers must match)"
+            )
+        squared = (g_s - g_t).pow(2)
+        if formulation == "repdistiller":
+            total = total + squared.mean()
+        else:
+            total = total + squared.sum(dim=(1, 2)).mean()
+    return total
+
+
+def _poly_kernel_mean(a: Tensor, b: Tensor, degree: int, c: float) -> Tensor:
+    """``mean_{i, j} (a_i^T b_j + c)^degree`` per sample, for ``a: [B, N, D], b: [B, M, D]``."""
+    return (torch.bmm(a, b.transpose(1, 2)) + c).pow(degree).mean(dim=(1, 2))
+
+
+def nst_loss(
+    student_features: Tensor | Sequence[Tensor],
+    teacher_features: Tensor | Sequence[Tensor],
+    degree: int = 2,
+    c: float = 0.0,
+) -> Tensor:
+    """Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
+    (arXiv 2017), https://arxiv.org/abs/1707.01219.
+
+    Each channel's spatial map, flattened and L2-normalised over positions, is one sample of a
+    network's distribution; the loss is the squared maximum mean discrepancy (Eq. 4) between
+    the student's ``C_s`` and the teacher's ``C_t`` samples with the polynomial kernel
+    ``k(x, y) = (x^T y + c)^d``,
+
+        ``MMD^2 = mean_{i,i'} k(t_i, t_i') + mean_{j,j'} k(s_j, s_j') - 2 mean_{i,j} k(s_j, t_i)``,
+
+    per image, averaged over the batch and summed over the layer pairs. The paper's
+    ``lambda/2`` is the distiller's weight. The larger map is average-pooled to the smaller's
+    spatial size first; channel counts may differ. ``degree=1, c=0`` is the linear kernel.
+
+    Args:
+        student_features: One ``[B, C_s, H, W]`` map or a sequence of them.
+        teacher_features: The matching teacher map(s).
+        degree: Polynomial degree ``d`` (an integer, so negative dot products stay real).
+        c: Kernel offset ``c``.
+    """
+    student, teacher = _as_list(student_features), _as_list(teacher_features)
+    _check_pairs(student, teacher, "nst_loss")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher, strict=True):
+        s, t = match_spatial(s.float(), t.float())
+        s = F.normalize(s.flatten(2), p=2.0, dim=2)
+        t = F.normalize(t.flatten(2), p=2.0, dim=2)
+        mmd = (
+            _poly_kernel_mean(t, t, degree, c)
+            + _poly_kernel_mean(s, s, degree, c)
+            - 2 * _poly_kernel_mean(s, t, degree, c)
+        )
+        total = total + mmd.mean()
+    return total
+
+
+# --- SP, CC, RKD, PKT, VID: relations within the batch -------------------------------
+
+CC_MODES = ("repdistiller", "gaussian", "bilinear")
+PKT_REDUCTIONS = ("mean", "batchmean", "sum")
+
+
+def _fp32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Runs ``loss`` with autocast disabled on the device of its first tensor argument."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs) -> Tensor:
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*args, **kwargs)
+
+    return wrapper
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``[B, ...]`` -> ``[B, D]`` in fp32."""
+    return x.float().reshape(x.shape[0], -1)
+
+
+def _check_batch(student: Tensor, teacher: Tensor, method: str) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"{method}: student batch {student.shape[0]} and teacher batch {teacher.shape[0]} "
+            "differ: both must see the same images"
+        )
+
+
+def _zero(x: Tensor) -> Tensor:
+    """A zero loss that keeps ``x`` in the graph (for batches too small to relate)."""
+    return x.float().sum() * 0.0
+
+
+@_fp32
+def sp_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019),
+    https://arxiv.org/abs/1907.09682.
+
+    ``G = A A^T`` of the flattened activations ``A`` (``[b, C*H*W]``) of the batch, each row
+    L2-normalised; ``loss = ||G_s - G_t||_F^2 / b^2`` (for one layer pair; sum the result
+    over pairs). Student and teacher widths and resolutions may differ: both Gram
+    matrices are ``b x b``.
+
+    Args:
+        student_features: ``[b, ...]`` student activations.
+        teacher_features: ``[b, ...]`` teacher activations.
+    """
+    _check_batch(student_features, teacher_features, "sp_loss")
+    s, t = _flat(student_features), _flat(teacher_features)
+    g_s = F.normalize(s @ s.t(), p=2, dim=1)
+    g_t = F.normalize(t @ t.t(), p=2, dim=1)
+    b = s.shape[0]
+    return (g_s - g_t).pow(2).sum() / (b * b)
+
+
+def _taylor_rbf(x: Tensor, gamma: float, order: int) -> Tensor:
+    """``exp(-gamma ||x_i - x_j||^2)`` of unit vectors by its order-``P`` Taylor series:
+    ``exp(-2 gamma) * sum_{p=0}^{P} (2 gamma)^p / p! * (x_i . x_j)^p``."""
+    dots = x @ x.t()
+    series = torch.zeros_like(dots)
+    for p in range(order + 1):
+        series = series + (2 * gamma) ** p / math.factorial(p) * dots.pow(p)
+    return math.exp(-2 * gamma) * series
+
+
+@_fp32
+def cc_loss(
+    student_embedding: Tensor,
+    teacher_embedding: Tensor,
+    mode: str = "repdistiller",
+    gamma: float = 0.4,
+    order: int = 2,
+) -> Tensor:
+    """Peng et al., "Correlation Congruence for Knowledge Distillation" (ICCV 2019),
+    https://arxiv.org/abs/1904.01802.
+
+    Modes:
+        ``"repdistiller"`` (the CRD benchmark's form, the code the authors sent to Tian et
+            al.): with ``d_i = |s_i - t_i|`` (elementwise), the mean over consecutive samples
+            of ``sum_k d_i[k] * d_{i+1}[k]``. Needs equal embedding widths.
+        ``"gaussian"`` (the paper): rows L2-normalised, correlation matrix
+            ``C_ij = exp(-2 gamma) sum_{p=0}^{P} (2 gamma)^p / p! (f_i . f_j)^p`` (the
+            order-``P`` Taylor series of the Gaussian RBF ``exp(-gamma ||f_i - f_j||^2)``,
+            exact in the limit for unit vectors), ``loss = ||C_s - C_t||_F^2 / b^2``.
+        ``"bilinear"`` (the paper's bilinear-pooling kernel): as ``"gaussian"`` with
+            ``C_ij = f_i . f_j`` of the L2-normalised rows.
+
+    Args:
+        student_embedding: ``[b, D_s]`` student embeddings.
+        teacher_embedding: ``[b, D_t]`` teacher embeddings.
+        mode: One of ``"repdistiller"``, ``"gaussian"``, ``"bilinear"``.
+        gamma: RBF ``gamma`` (``"gaussian"`` only; the paper's 0.4).
+        order: Taylor order ``P`` (``"gaussian"`` only; the paper's 2).
+    """
+    if mode not in CC_MODES:
+        raise ValueError(f"unknown cc_loss mode {mode!r}; choose one of {CC_MODES}")
+    _check_batch(student_embedding, teacher_embedding, "cc_loss")
+    s, t = _flat(student_embedding), _flat(teacher_embedding)
+    b = s.shape[0]
+    if mode == "repdistiller":
+        if s.shape != t.shape:
+            raise ValueError(
+                f"cc_loss mode 'repdistiller' needs equal embedding widths, got {s.shape[1]} "
+                f"(student) and {t.shape[1]} (teacher)"
+            )
+        if b < 2:
+            return _zero(s)
+        delta = (s - t).abs()
+        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    s, t = F.normalize(s, p=2, dim=1), F.normalize(t, p=2, dim=1)
+    if mode == "gaussian":
+        if order < 0:
+            raise ValueError(f"the Taylor order must be >= 0, got {order}")
+        c_s, c_t = _taylor_rbf(s, gamma, order), _taylor_rbf(t, gamma, order)
+    else:
+        c_s, c_t = s @ s.t(), t @ t.t()
+    return (c_s - c_t).pow(2).sum() / (b * b)
+
+
+def _distances(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``[b, b]`` Euclidean distances, exactly 0 on the diagonal, safe to differentiate."""
+    squared = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(dim=2)
+    distances = squared.clamp_min(eps).sqrt()
+    return distances * (1 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype))
+
+
+def _angles(x: Tensor) -> Tensor:
+    """``[b, b, b]`` cosines ``<e(x_j - x_i), e(x_k - x_i)>`` of the angle at vertex ``i``
+    (``e`` normalises to unit length; degenerate triplets give 0)."""
+    directions = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # [i, j] = x_j - x_i
+    return directions @ directions.transpose(1, 2)
+
+
+@_fp32
+def rkd_loss(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> Tensor:
+    """Park et al., "Relational Knowledge Distillation" (CVPR 2019),
+    https://arxiv.org/abs/1904.05068.
+
+    Distance-wise potential: pairwise distances, each divided by the mean distance over the
+    pairs of distinct samples of its own network; angle-wise potential: the cosines of the
+    angles of all triplets. Each is compared with the Huber loss (``delta = 1``, i.e.
+    smooth-L1) averaged over all ``b^2`` pairs / ``b^3`` triplets, degenerate ones (repeated
+    samples) contributing 0, as in the authors' code whose averaging the default weights 25
+    (distance) and 50 (angle) belong to.
+
+    Args:
+        student_features: ``[b, ...]`` student embeddings (flattened).
+        teacher_features: ``[b, ...]`` teacher embeddings (flattened); widths may differ.
+        distance_weight: Weight of the distance-wise term.
+        angle_weight: Weight of the angle-wise term.
+    """
+    _check_batch(student_features, teacher_features, "rkd_loss")
+    s, t = _flat(student_features), _flat(teacher_features)
+    if s.shape[0] < 2:
+        return _zero(s)
+    loss = _zero(s)
+    if distance_weight:
+        off_diagonal = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        d_s, d_t = _distances(s), _distances(t)
+        d_s = d_s / d_s[off_diagonal].mean().clamp_min(1e-12)
+        d_t = d_t / d_t[off_diagonal].mean().clamp_min(1e-12)
+        loss = loss + distance_weight * F.smooth_l1_loss(d_s, d_t, beta=1.0)
+    if angle_weight:
+        loss = loss + angle_weight * F.smooth_l1_loss(_angles(s), _angles(t), beta=1.0)
+    return loss
+
+
+@_fp32
+def pkt_loss(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    reduction: str = "mean",
+    eps: float = 1e-7,
+) -> Tensor:
+    """Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge
+    Transfer" (ECCV 2018), https://arxiv.org/abs/1803.10837.
+
+    Cosine-similarity kernel of the L2-normalised features, shifted to ``[0, 1]`` as
+    ``(cos + 1) / 2``, each row normalised to a conditional distribution ``p(j | i)`` (the
+    self-similarity included, as in the authors' code); the loss is
+    ``KL(teacher || student) = sum_ij t_ij log((t_ij + eps) / (s_ij + eps))``.
+
+    Args:
+        student_features: ``[b, ...]`` student features (flattened).
+        teacher_features: ``[b, ...]`` teacher features (flattened); widths may differ.
+        reduction: ``"mean"``: over all ``b^2`` entries (the authors' and RepDistiller's
+            code, which the benchmark weight 30000 belongs to); ``"batchmean"``: the mean over
+            anchors ``i`` of each row's KL; ``"sum"``: the double sum of the paper's formula.
+        eps: Guards the norms and the logarithm.
+    """
+    if reduction not in PKT_REDUCTIONS:
+        raise ValueError(f"unknown pkt_loss reduction {reduction!r}; one of {PKT_REDUCTIONS}")
+    _check_batch(student_features, teacher_features, "pkt_loss")
+
+    def conditional(x: Tensor) -> Tensor:
+        x = x / (x.norm(p=2, dim=1, keepdim=True) + eps)
+        similarity = (x @ x.t() + 1.0) / 2.0
+        return similarity / similarity.sum(dim=1, keepdim=True)
+
+    p_s = conditional(_flat(student_features))
+    p_t = conditional(_flat(teacher_features))
+    kl = p_t * torch.log((p_t + eps) / (p_s + eps))
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "batchmean":
+        return kl.sum() / kl.shape[0]
+    return kl.sum()
+
+
+@_fp32
+def vid_loss(predicted_mean: Tensor, teacher_features: Tensor, variance: Tensor) -> Tensor:
+    """Ahn et al., "Variational Information Distillation for Knowledge Transfer" (CVPR 2019),
+    https://arxiv.org/abs/1904.05835.
+
+    The negative log-likelihood, up to constants, of the teacher feature ``t`` under a
+    Gaussian with the regressed mean ``mu(s)`` and a per-channel variance ``sigma^2``:
+    ``mean over elements of 0.5 * (log sigma^2 + (t - mu)^2 / sigma^2)``.
+
+    Args:
+        predicted_mean: ``[b, C, ...]`` the regressor's prediction from the student feature.
+        teacher_features: ``[b, C, ...]`` teacher features of the same shape.
+        variance: ``[C]`` positive per-channel variances.
+    """
+    if predicted_mean.shape != teacher_features.shape:
+        raise ValueError(
+            f"vid_loss: predicted mean {tuple(predicted_mean.shape)} and teacher features "
+            f"{tuple(teacher_features.shape)} differ"
+        )
+    channels = teacher_features.shape[1]
+    if variance.shape != (channels,):
+        raise ValueError(f"vid_loss: variance must have shape ({channels},), got {variance.shape}")
+    var = variance.float().view(1, channels, *([1] * (teacher_features.dim() - 2)))
+    squared_error = (teacher_features.float() - predicted_mean.float()).pow(2)
+    return (0.5 * (torch.log(var) + squared_error / var)).mean()
+
+
+# --- CRD: contrastive representation distillation ------------------------------------
+
+
+def crd_logits(anchor: Tensor, memory: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """Critic logits ``<memory[indices[b, j]], anchor[b]> / T`` of CRD (Tian et al., ICLR 2020,
+    https://arxiv.org/abs/1910.10699).
+
+    Args:
+        anchor: ``[B, D]`` embeddings of the batch (one network's view).
+        memory: ``[N, D]`` memory bank of the other network's embeddings of all training samples.
+        indices: ``[B, 1 + K]`` rows of ``memory`` to contrast each anchor with; column 0 is the
+            anchor's own sample (the positive), the other ``K`` columns are its negatives.
+        temperature: NCE temperature ``T > 0``.
+
+    Returns:
+        ``[B, 1 + K]`` fp32 logits. Gradients flow into ``anchor`` only when ``memory`` is a
+        buffer (as in CRD, whose memory is never back-propagated into).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if indices.dim() != 2 or indices.shape[0] != anchor.shape[0]:
+        raise ValueError(
+            f"indices must be [batch, 1 + negatives] for {anchor.shape[0]} anchors, "
+            f"got {tuple(indices.shape)}"
+        )
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        # One [N, B] product, then a gather: far less memory than gathering [B, 1+K, D] rows.
+        scores = memory.float() @ anchor.float().t()
+    return scores.t().gather(1, indices) / temperature
+
+
+def crd_normaliser(logits: Tensor, num_train_samples: int) -> Tensor:
+    """The NCE normalisation constant ``Z = mean(exp(logits)) * N`` that CRD's reference code
+    estimates once, from its first batch (Tian et al., ICLR 2020,
+    https://arxiv.org/abs/1910.10699), so that ``exp(logit) / Z`` is about ``1 / N`` on
+    average, like a density over the ``N`` training samples.
+
+    Args:
+        logits: ``[B, 1 + K]`` logits from :func:`crd_logits`.
+        num_train_samples: ``N``, the size of the training set.
+
+    Returns:
+        A detached fp32 scalar.
+    """
+    return logits.detach().float().exp().mean() * num_train_samples
+
+
+def crd_nce_loss(logits: Tensor, normaliser: Tensor | float, num_train_samples: int) -> Tensor:
+    """CRD's NCE loss for one anchor side (Tian et al., ICLR 2020,
+    https://arxiv.org/abs/1910.10699, Eq. 18; the reference code's ``ContrastLoss``).
+
+    With ``P = exp(logit) / Z`` and the uniform noise density ``Pn = 1 / N``, the critic is
+    ``h = P / (P + K * Pn)`` and the loss is
+    ``-1/B * sum_b [ log h(positive_b) + sum_j log(1 - h(negative_bj)) ]``, i.e. the negative
+    log-likelihood of telling the positive from the ``K`` negatives. Computed in log space
+    (``log h = log P - logaddexp(log P, log(K/N))``), which is exact where the reference adds
+    ``1e-7`` to each denominator.
+
+    Args:
+        logits: ``[B, 1 + K]`` logits from :func:`crd_logits`, column 0 the positive.
+        normaliser: The constant ``Z`` (see :func:`crd_normaliser`), ``> 0``.
+        num_train_samples: ``N``, the size of the training set.
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"logits must be [batch, 1 + negatives] with at least one negative, "
+            f"got {tuple(logits.shape)}"
+        )
+    if num_train_samples <= 0:
+        raise ValueError(f"num_train_samples must be > 0, got {num_train_samples}")
+    num_negatives = logits.shape[1] - 1
+    log_p = logits.float() - torch.as_tensor(normaliser, dtype=torch.float32).log()
+    log_noise = torch.full_like(log_p, math.log(num_negatives / num_train_samples))
+    log_denominator = torch.logaddexp(log_p, log_noise)
+    log_h_positive = log_p[:, 0] - log_denominator[:, 0]
+    log_one_minus_h_negatives = log_noise[:, 1:] - log_denominator[:, 1:]
+    return -(log_h_positive.sum() + log_one_minus_h_negatives.sum()) / logits.shape[0]
+
+
+def crd_loss(
+    student_embed: Tensor,
+    teacher_embed: Tensor,
+    student_memory: Tensor,
+    teacher_memory: Tensor,
+    indices: Tensor,
+    temperature: float,
+    num_train_samples: int,
+    student_normaliser: Tensor | float | None = None,
+    teacher_normaliser: Tensor | float | None = None,
+) -> Tensor:
+    """Contrastive Representation Distillation (Tian, Krishnan & Isola, ICLR 2020),
+    https://arxiv.org/abs/1910.10699: the symmetric NCE loss of the reference's ``CRDLoss``.
+
+    ``student term + teacher term``: the student embedding is contrasted with the teacher's
+    memory bank (positive: the teacher's embedding of the same sample), and the teacher
+    embedding with the student's memory bank, each by :func:`crd_nce_loss`.
+
+    Args:
+        student_embed: ``[B, D]`` L2-normalised student embeddings.
+        teacher_embed: ``[B, D]`` L2-normalised teacher embeddings.
+        student_memory: ``[N, D]`` memory bank of student embeddings.
+        teacher_memory: ``[N, D]`` memory bank of teacher embeddings.
+        indices: ``[B, 1 + K]`` memory rows per anchor, column 0 the anchor's own sample.
+        temperature: NCE temperature ``T``.
+        num_train_samples: ``N``, the size of the training set.
+        student_normaliser: ``Z`` of the student-anchor term; ``None`` estimates it from this
+            batch with :func:`crd_normaliser`, as the reference does on its first batch.
+        teacher_normaliser: ``Z`` of the teacher-anchor term, likewise.
+    """
+    student_logits = crd_logits(student_embed, teacher_memory, indices, temperature)
+    teacher_logits = crd_logits(teacher_embed, student_memory, indices, temperature)
+    if student_normaliser is None:
+        student_normaliser = crd_normaliser(student_logits, num_train_samples)
+    if teacher_normaliser is None:
+        teacher_normaliser = crd_normaliser(teacher_logits, num_train_samples)
+    return crd_nce_loss(student_logits, student_normaliser, num_train_samples) + crd_nce_loss(
+        teacher_logits, teacher_normaliser, num_train_samples
+    )
