@@ -82,9 +82,6 @@ class AT(Distiller):
         probe_maps(student, self.student_layers, self.context, "AT")
         probe_maps(teacher, self.teacher_layers, self.context, "AT")
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student = [out.student_features[name] for name in self.student_layers]
         teacher = [out.teacher_features[name] for name in self.teacher_layers]

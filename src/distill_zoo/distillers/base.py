@@ -95,9 +95,13 @@ class Distiller(nn.Module):
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
 
+    student_layers: Sequence[str] = ()
+    teacher_layers: Sequence[str] = ()
+
     def layers(self) -> tuple[list[str], list[str]]:
-        """Names of the (student, teacher) layers whose outputs :meth:`forward` reads."""
-        return [], []
+        """Names of the (student, teacher) layers whose outputs :meth:`forward` reads: by
+        default the ``student_layers``/``teacher_layers`` a subclass sets in ``__init__``."""
+        return list(self.student_layers), list(self.teacher_layers)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         """Named loss terms, each already multiplied by its weight; the module sums them."""

@@ -106,9 +106,6 @@ class CC(Distiller):
                 self.student_embeds.append(nn.Linear(s_dim, embed_dim))
                 self.teacher_embeds.append(nn.Linear(t_dim, embed_dim))
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             cc_loss(

@@ -114,9 +114,6 @@ class FSP(Distiller):
                     "pick other layers"
                 )
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student = [
             connect(out.student_features[name])

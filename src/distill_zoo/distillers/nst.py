@@ -73,9 +73,6 @@ class NST(Distiller):
         probe_maps(student, self.student_layers, self.context, "NST")
         probe_maps(teacher, self.teacher_layers, self.context, "NST")
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student = [out.student_features[name] for name in self.student_layers]
         teacher = [out.teacher_features[name] for name in self.teacher_layers]

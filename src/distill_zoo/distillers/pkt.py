@@ -69,9 +69,6 @@ class PKT(Distiller):
         )
         probe_pairs(student, teacher, self.context, self.student_layers, self.teacher_layers)
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             pkt_loss(

@@ -60,9 +60,6 @@ class SP(Distiller):
         )
         probe_pairs(student, teacher, self.context, self.student_layers, self.teacher_layers)
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             sp_loss(out.student_features[s], out.teacher_features[t])

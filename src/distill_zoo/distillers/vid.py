@@ -132,9 +132,6 @@ class VID(Distiller):
                 )
             )
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        return list(self.student_layers), list(self.teacher_layers)
-
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = 0.0
         for s, t, regressor in zip(
