@@ -99,8 +99,8 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
     """The run config that trains ``cfg.teacher`` from scratch on ``cfg``'s data and recipe."""
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
     teacher.pop("ckpt", None)
-    # Unresolved, so that ``data.seed: ${seed}`` follows the teacher's seed: every student
-    # seed of a sweep then shares one teacher, as in the KD literature.
+    # Unresolved until the seed is replaced, so nothing derived from the student's seed
+    # leaks in: every student seed of a sweep shares one teacher, as in the KD literature.
     run_cfg = OmegaConf.to_container(cfg, resolve=False)
     run_cfg.update(
         student=teacher,
