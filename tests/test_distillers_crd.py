@@ -151,8 +151,8 @@ def step(indices, seed: int = 1) -> StepOutputs:
         indices=torch.as_tensor(indices),
         student_logits=torch.randn(b, 3, generator=g, requires_grad=True),
         teacher_logits=torch.randn(b, 3, generator=g),
-        student_features={"layer3": torch.randn(b, 64, 4, 4, generator=g, requires_grad=True)},
-        teacher_features={"layer3": torch.randn(b, 256, 4, 4, generator=g)},
+        student_features={"avgpool": torch.randn(b, 64, 1, 1, generator=g, requires_grad=True)},
+        teacher_features={"avgpool": torch.randn(b, 256, 1, 1, generator=g)},
     )
 
 
@@ -162,7 +162,7 @@ def test_defaults_follow_the_paper_and_compose_with_kd():
     assert (crd.temperature, crd.momentum, crd.sampler.sampling) == (0.07, 0.5, "exact")
     assert crd.memory_student.shape == crd.memory_teacher.shape == (N_TRAIN, 128)
     assert crd.memory_student.dtype == torch.float32
-    assert crd.layers() == (["layer3"], ["layer3"])
+    assert crd.layers() == (["avgpool"], ["avgpool"])  # the heads' input, as in RepDistiller
     assert crd.embed_student.in_features == 64 and crd.embed_teacher.in_features == 256
     stdv = 1 / math.sqrt(128 / 3)
     assert crd.memory_teacher.abs().max() <= stdv

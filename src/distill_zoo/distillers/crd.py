@@ -14,6 +14,7 @@ from distill_zoo.distillers.base import (
     select_layers,
 )
 from distill_zoo.distillers.crd_memory import NegativeSampler, init_memory_bank
+from distill_zoo.distillers.layers import PENULTIMATE, penultimate_layer
 from distill_zoo.losses import crd_logits, crd_nce_loss, crd_normaliser
 
 
@@ -61,8 +62,9 @@ class CRD(Distiller):
         embed_dim: Embedding dimension (``feat_dim``).
         sampling: ``"exact"`` (class-aware) or ``"uniform"`` negatives.
         replacement: Always draw negatives with replacement.
-        student_layers: Student layer whose pooled output is embedded: a portable choice for
-            :func:`select_layers` or a layer name; ``None`` for the last stage.
+        student_layers: Student layer whose pooled output is embedded: ``None`` (or
+            ``"penultimate"``) for the classifier's input, as in the reference, else a portable
+            choice for :func:`select_layers` or a layer name.
         teacher_layers: Likewise for the teacher.
         ce_weight: Weight ``g`` of the hard-label cross-entropy.
         kd_weight: Weight ``a`` of Hinton's KD term.
@@ -114,8 +116,12 @@ class CRD(Distiller):
         self.temperature = temperature
         self.momentum = momentum
         self.num_train_samples = context.num_train_samples
-        self.student_layer = _one_layer(context.student_stages, student_layers, "student")
-        self.teacher_layer = _one_layer(context.teacher_stages, teacher_layers, "teacher")
+        self.student_layer = _one_layer(
+            student, context.example_input, context.student_stages, student_layers, "student"
+        )
+        self.teacher_layer = _one_layer(
+            teacher, context.example_input, context.teacher_stages, teacher_layers, "teacher"
+        )
         self.embed_student = nn.Linear(
             _feature_dim(student, self.student_layer, context.example_input, "student"), embed_dim
         )
@@ -192,7 +198,11 @@ class CRD(Distiller):
             bank.index_copy_(0, indices, F.normalize(rows, dim=1))
 
 
-def _one_layer(stages: list[str], choice: str | int | list | None, role: str) -> str:
+def _one_layer(
+    model: nn.Module, example_input: Tensor, stages: list[str], choice, role: str
+) -> str:
+    if choice is None or choice == PENULTIMATE:  # what the classifier head reads
+        return penultimate_layer(model, example_input, role)
     layers = select_layers(stages, choice, "last")
     if len(layers) != 1:
         raise ValueError(f"CRD embeds one {role} layer, got {layers}")
