@@ -21,6 +21,7 @@ so ``python -m distill_zoo.report <out>`` tabulates it too; finished runs are sk
 re-run resumes. From the repository root::
 
     python scripts/compare_kd_cifar10.py
+    python scripts/compare_kd_cifar10.py --methods kd fitnets at crd   # more distillers
     python scripts/compare_kd_cifar10.py --teacher resnet32 --epochs 60 --extra trainer=gpu
 
 Needs ``../shared/data/cifar10-jpeg.tar.gz`` (the data config's ``data.archive``); exits with
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     parser.add_argument("--teacher", default="vgg8", help="teacher architecture")
     parser.add_argument("--student", default="resnet8", help="student architecture")
+    parser.add_argument(
+        "--methods", nargs="+", default=["kd"], help="distillers to compare with vanilla"
+    )
     parser.add_argument("--data", default="cifar10_jpeg", help="data config (tests: synthetic)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare_kd_cifar10"))
     parser.add_argument(
@@ -126,26 +130,26 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(pct), "std": std, "n": len(pct)}
 
 
-def summarise(teacher: dict, vanilla: list[dict], kd: list[dict]) -> dict:
-    """Per metric, mean +- std over seeds of each student, the teacher, and the KD gain."""
+def summarise(teacher: dict, vanilla: list[dict], methods: dict[str, list[dict]]) -> dict:
+    """Per metric, mean +- std over seeds of each student, the teacher, and each method's
+    gain over vanilla (keys ``<method>`` and ``<method>_gain``)."""
     summary: dict = {"teacher": {k: mean_std([teacher[k]]) for k in METRICS}}
-    for role, runs in (("vanilla", vanilla), ("kd", kd)):
-        summary[role] = {k: mean_std([r[k] for r in runs]) for k in METRICS}
-    # Paired by seed: a seed's vanilla and KD students start from the same weights.
-    summary["kd_gain"] = {
-        k: mean_std([b[k] - a[k] for a, b in zip(vanilla, kd, strict=True)]) for k in METRICS
-    }
+    summary["vanilla"] = {k: mean_std([r[k] for r in vanilla]) for k in METRICS}
+    for method, runs in methods.items():
+        summary[method] = {k: mean_std([r[k] for r in runs]) for k in METRICS}
+        # Paired by seed: a seed's students all start from the same weights.
+        summary[f"{method}_gain"] = {
+            k: mean_std([b[k] - a[k] for a, b in zip(vanilla, runs, strict=True)]) for k in METRICS
+        }
     return summary
 
 
 def markdown(summary: dict, args: argparse.Namespace) -> str:
     """The summary as a markdown table, in percent."""
-    titles = {
-        "teacher": f"teacher {args.teacher}",
-        "vanilla": f"vanilla {args.student}",
-        "kd": f"KD {args.student}",
-        "kd_gain": "KD gain (paired)",
-    }
+    titles = {"teacher": f"teacher {args.teacher}", "vanilla": f"vanilla {args.student}"}
+    for method in args.methods:
+        titles[method] = f"{method.upper()} {args.student}"
+        titles[f"{method}_gain"] = f"{method.upper()} gain (paired)"
     lines = [
         "| run | " + " | ".join(METRICS.values()) + " |",
         "|---" * (len(METRICS) + 1) + "|",
@@ -154,7 +158,7 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         cells = []
         for key in METRICS:
             stat = summary[role][key]
-            sign = "+" if role == "kd_gain" and stat["mean"] >= 0 else ""
+            sign = "+" if role.endswith("_gain") and stat["mean"] >= 0 else ""
             std = f" +- {stat['std']:.2f}" if stat["n"] > 1 else ""
             cells.append(f"{sign}{stat['mean']:.2f}{std}")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         [*shared, "distiller=none", "teacher=none", f"student={args.teacher}", "seed=0"],
         out,
     )
-    vanilla, kd = [], []
+    vanilla, methods = [], {method: [] for method in args.methods}
     for seed in args.seeds:
         student = [*shared, f"student={args.student}", f"seed={seed}"]
         vanilla.append(
@@ -199,28 +203,29 @@ def main(argv: list[str] | None = None) -> int:
                 out,
             )
         )
-        kd.append(
-            train_once(
-                f"kd-{args.student}-seed{seed}",
-                [
-                    *student,
-                    "distiller=kd",
-                    f"teacher={args.teacher}",
-                    f"teacher.ckpt={teacher['best_checkpoint']}",
-                ],
-                out,
+        for method, runs in methods.items():
+            runs.append(
+                train_once(
+                    f"{method}-{args.student}-seed{seed}",
+                    [
+                        *student,
+                        f"distiller={method}",
+                        f"teacher={args.teacher}",
+                        f"teacher.ckpt={teacher['best_checkpoint']}",
+                    ],
+                    out,
+                )
             )
-        )
 
     wall = time.perf_counter() - started
-    summary = summarise(teacher, vanilla, kd)
+    summary = summarise(teacher, vanilla, methods)
     table = markdown(summary, args)
     seeds = " ".join(map(str, args.seeds))
     note = (
         f"{args.teacher} -> {args.student}, data={args.data} subset={args.subset or 'all'}, "
         f"epochs={args.epochs}, seeds {seeds} (mean +- std over seeds, top-1 in %)"
     )
-    runs_s = sum(r["wall_time_s"] for r in [teacher, *vanilla, *kd])
+    runs_s = sum(r["wall_time_s"] for r in [teacher, *vanilla, *sum(methods.values(), [])])
     footer = (
         f"command: {command}\nwall time: {wall / 60:.1f} min ({wall:.0f} s; the runs' own "
         f"wall times, earlier sessions included, add up to {runs_s / 60:.1f} min)"
