@@ -66,3 +66,23 @@ def test_main_prints_table_and_unfinished(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| (defaults) | 1 | 50.00 |" in out
     assert "unfinished" in out and str(tmp_path / "b") in out
+
+
+def test_runs_started_from_code_are_grouped_by_their_config_differences(tmp_path):
+    def code_run(name, temperature, seed, acc):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(
+            f"seed: {seed}\ndistiller:\n  temperature: {temperature}\n  kd_weight: 0.9\n"
+        )
+        (run / "metrics.json").write_text(json.dumps({"best_val_acc1": acc}))
+
+    code_run("a", 4, 0, 0.70)
+    code_run("b", 4, 1, 0.74)
+    code_run("c", 1, 0, 0.60)
+    rows, unfinished, _ = summarise(tmp_path)
+    assert [(r["overrides"], r["runs"]) for r in rows] == [
+        ("distiller.temperature=1", 1),
+        ("distiller.temperature=4", 2),
+    ]
+    assert rows[1]["best val top-1"].startswith("72.00 +- ")

@@ -23,7 +23,7 @@ COLUMNS = {
     "teacher_test_acc1": "teacher top-1",
     "test_agreement_best": "agreement",
 }
-IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root")
+IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root", "teacher_store")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -33,10 +33,29 @@ def find_runs(root: Path) -> list[Path]:
     )
 
 
-def overrides_of(run: Path) -> list[str]:
-    """The run's command-line overrides that define its group (seed and resume left out)."""
+def _flatten(node, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else str(node)}
+
+
+def config_differences(runs: list[Path]) -> dict[Path, list[str]]:
+    """``key=value`` for each config key whose value differs between ``runs``: the
+    overrides of runs started from code (``train.run``), which Hydra did not record."""
+    flat = {run: _flatten(yaml.safe_load((run / "config.yaml").read_text()) or {}) for run in runs}
+    keys = sorted({k for f in flat.values() for k in f})
+    varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+    return {run: [f"{k}={f[k]}" for k in varying if k in f] for run, f in flat.items()}
+
+
+def overrides_of(run: Path, fallback: list[str] | None = None) -> list[str]:
+    """The run's command-line overrides that define its group (seed and resume left out);
+    ``fallback`` where Hydra recorded none."""
     path = run / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else []
+    items = yaml.safe_load(path.read_text()) if path.is_file() else fallback
     return sorted(
         o for o in items or [] if o.split("=", 1)[0].lstrip("+~") not in IGNORED_OVERRIDES
     )
@@ -57,12 +76,15 @@ def summarise(root: Path) -> tuple[list[dict], list[Path], list[str]]:
     shared by every group (left out of the rows' labels to keep them short)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     unfinished = []
-    for run in find_runs(root):
+    runs = find_runs(root)
+    differences = config_differences(runs)
+    for run in runs:
         metrics_file = run / "metrics.json"
         if not metrics_file.is_file():
             unfinished.append(run)
             continue
-        groups[tuple(overrides_of(run))].append(json.loads(metrics_file.read_text()))
+        overrides = overrides_of(run, fallback=differences[run])
+        groups[tuple(overrides)].append(json.loads(metrics_file.read_text()))
     common = sorted(set.intersection(*map(set, groups))) if len(groups) > 1 else []
     rows = []
     for overrides, runs in sorted(groups.items()):
