@@ -99,3 +99,13 @@ def test_sweep_over_temperature_and_seeds_then_report(tmp_path, teacher_store):
     assert report.returncode == 0, report.stderr
     rows = [line for line in report.stdout.splitlines() if "distiller.temperature=" in line]
     assert len(rows) == 2 and all("| 2 |" in row and "+-" in row for row in rows)
+
+
+def test_long_override_lists_get_a_short_unique_run_folder(tmp_path):
+    from distill_zoo.config import run_dir
+
+    long_a = ",".join(f"distiller.option_{i}=/some/long/path/value_{i}" for i in range(12))
+    long_b = long_a.replace("value_11", "value_99")
+    a, b = (Path(run_dir(str(tmp_path), name, False)).parent.name for name in (long_a, long_b))
+    assert a != b and len(a.encode()) <= 200 and "/" not in a
+    assert Path(run_dir(str(tmp_path), "seed=1", False)).parent.name == "seed=1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 """The repository's ``conf/`` folder (the package is installed editable from the repo)."""
+
+MAX_NAME_BYTES = 200
 
 _STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
@@ -21,8 +24,13 @@ def run_dir(root: str, override_dirname: str, resume: bool) -> str:
     command can find the newest earlier run of that command and continue it in place; a run
     without ``resume`` always gets a new folder, so nothing saved earlier is overwritten.
     """
-    # Paths in overrides (teacher.ckpt=/a/b.ckpt) must not nest folders.
-    group = Path(root) / (override_dirname.replace("/", "_") or "default")
+    # Paths in overrides (teacher.ckpt=/a/b.ckpt) must not nest folders, and file systems
+    # refuse names over 255 bytes: long override lists keep their start plus a hash.
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = name.encode()[: MAX_NAME_BYTES - 11].decode(errors="ignore") + "-" + digest
+    group = Path(root) / name
     if resume and group.is_dir():
         earlier = sorted(p for p in group.iterdir() if (p / "checkpoints" / "last.ckpt").is_file())
         if earlier:
