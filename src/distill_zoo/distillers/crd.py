@@ -14,7 +14,7 @@ from distill_zoo.distillers.base import (
     select_layers,
 )
 from distill_zoo.distillers.crd_memory import NegativeSampler, init_memory_bank
-from distill_zoo.distillers.layers import PENULTIMATE, penultimate_layer
+from distill_zoo.distillers.layers import PENULTIMATE, embedding, penultimate_layer
 from distill_zoo.losses import crd_logits, crd_nce_loss, crd_normaliser
 
 
@@ -146,8 +146,8 @@ class CRD(Distiller):
 
     def embed(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
         """L2-normalised fp32 ``[B, embed_dim]`` embeddings of the student and the teacher."""
-        student = self.embed_student(_pool(out.student_features[self.student_layer]))
-        teacher = self.embed_teacher(_pool(out.teacher_features[self.teacher_layer]))
+        student = self.embed_student(embedding(out.student_features[self.student_layer]))
+        teacher = self.embed_teacher(embedding(out.teacher_features[self.teacher_layer]))
         return F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
@@ -217,8 +217,3 @@ def _feature_dim(model: nn.Module, layer: str, example_input: Tensor, role: str)
             f"got shape {shape}"
         )
     return shape[1]
-
-
-def _pool(feature: Tensor) -> Tensor:
-    """Global average pooling of a ``[B, C, ...]`` feature to ``[B, C]``."""
-    return feature.flatten(2).mean(2) if feature.dim() > 2 else feature
