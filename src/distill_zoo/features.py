@@ -1,7 +1,9 @@
 """FeatureTap: read intermediate activations of any ``nn.Module`` by layer name.
 
 Forward hooks record the outputs of named submodules, so no model's ``forward`` is ever
-rewritten to return features (the habit of RepDistiller-style code bases).
+rewritten to return features (the habit of RepDistiller-style code bases). A name ending in
+``:input`` records the module's input instead, e.g. ``layer3.2.relu2:input`` is the
+pre-activation of the last block of ``layer3`` (what AB and OFD distil).
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ def layer_names(model: nn.Module, max_depth: int | None = None) -> list[str]:
     return names
 
 
+INPUT_SUFFIX = ":input"
+
+
+def module_name(name: str) -> str:
+    """The submodule a tap name refers to (``layer3.2.relu2:input`` -> ``layer3.2.relu2``)."""
+    return name.removesuffix(INPUT_SUFFIX)
+
+
 def check_layers(model: nn.Module, names: list[str], role: str = "model") -> None:
     """Raises ``ValueError`` naming the valid choices if any of ``names`` is not a submodule."""
     valid = set(layer_names(model))
-    unknown = [n for n in names if n not in valid]
+    unknown = [n for n in names if module_name(n) not in valid]
     if not unknown:
         return
     hints = []
@@ -47,7 +57,8 @@ class FeatureTap:
         >>> tap.features["layer3"].shape
 
     Args:
-        model: Any module; names are those of ``model.named_modules()``.
+        model: Any module; names are those of ``model.named_modules()``, optionally ending
+            in ``:input`` to record the module's (first) input rather than its output.
         names: Layers to record. Unknown names fail here, listing the valid ones.
         role: How error messages refer to the model ("student", "teacher").
     """
@@ -58,12 +69,15 @@ class FeatureTap:
         self.names = names
         self.features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = [
-            model.get_submodule(name).register_forward_hook(self._recorder(name)) for name in names
+            model.get_submodule(module_name(name)).register_forward_hook(self._recorder(name))
+            for name in names
         ]
 
     def _recorder(self, name: str):
-        def record(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            self.features[name] = output
+        take_input = name.endswith(INPUT_SUFFIX)
+
+        def record(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.features[name] = inputs[0] if take_input else output
 
         return record
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, probe_shapes, select_layers
-from distill_zoo.features import check_layers
+from distill_zoo.features import INPUT_SUFFIX, check_layers
 
 LayerChoice = str | int | list | None
 
@@ -143,6 +143,41 @@ def penultimate_layer(model: nn.Module, example_input: Tensor, role: str = "mode
         f"no module of the {role} ({type(model).__name__}) outputs the input of its classifier "
         f"'{head_name}': name the penultimate layer explicitly (e.g. student_layers=avgpool)"
     )
+
+
+def preactivation(model: nn.Module, name: str, example_input: Tensor) -> str:
+    """The tap name of layer ``name``'s output before its final ReLU.
+
+    One dry forward pass records which leaf modules run inside ``name``: if the last one is
+    an ``nn.ReLU`` (a CIFAR ResNet block's ``relu2``, a VGG block's ReLU), the answer is that
+    ReLU's input (``layer3.2.relu2:input``); otherwise the layer's output already is
+    un-rectified (pre-activation WRN groups, MobileNetV2's linear bottlenecks) and ``name``
+    itself is returned.
+    """
+    check_layers(model, [name])
+    stage = model.get_submodule(name)
+    leaves = [
+        (f"{name}.{sub}" if sub else name, module)
+        for sub, module in stage.named_modules()
+        if not list(module.children())
+    ]
+    order: list[tuple[str, nn.Module]] = []
+    handles = [
+        module.register_forward_hook(lambda m, _i, _o, n=n: order.append((n, m)))
+        for n, module in leaves
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if order and isinstance(order[-1][1], nn.ReLU):
+        return f"{order[-1][0]}{INPUT_SUFFIX}"
+    return name
 
 
 def layer_pairs(
