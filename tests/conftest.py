@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from distill_zoo.config import compose
@@ -36,3 +37,28 @@ def tiny_config(teacher_store):
         )
 
     return make
+
+
+class Interrupt(L.Callback):
+    """Stops a run at the start of an epoch, as a killed job would.
+
+    Args:
+        at_epoch: The epoch at whose start the run stops.
+        folder: Only stop runs whose output folder ends with this name (a pipeline stage).
+    """
+
+    def __init__(self, at_epoch: int, folder: str | None = None) -> None:
+        self.at_epoch = at_epoch
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.folder and Path(trainer.default_root_dir).name != self.folder:
+            return
+        if trainer.current_epoch == self.at_epoch:
+            raise RuntimeError("simulated interruption")
+
+
+@pytest.fixture
+def interrupt():
+    """The :class:`Interrupt` callback class."""
+    return Interrupt

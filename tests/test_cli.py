@@ -43,6 +43,7 @@ def test_help_lists_every_group(tmp_path):
         "sched:",
         "trainer:",
         "logger:",
+        "pipeline:",
     ):
         assert group in result.stdout
     assert "resnet32x4" in result.stdout and "digits" in result.stdout
@@ -79,6 +80,25 @@ def test_run_from_any_directory_then_resume_in_place(tmp_path, teacher_store):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {run.parent}" in resumed.stdout + resumed.stderr
     assert len(list((tmp_path / "outputs").glob("*/*"))) == 1  # continued in place
+
+
+def test_pipeline_runs_its_stages_and_resume_skips_the_finished_ones(tmp_path, teacher_store):
+    args = [
+        *TINY,
+        f"teacher_store={teacher_store}",
+        "pipeline=fitnets_2stage",
+        "pipeline.init_epochs=1",
+    ]
+    first = cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (summary,) = (tmp_path / "outputs").glob("*/*/pipeline.json")
+    assert "Pipeline summary" in first.stdout + first.stderr
+    assert [row["status"] for row in json.loads(summary.read_text())["stages"]] == ["done"] * 2
+    again = cli(*args, "resume=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "Stage hints already finished" in log and "Stage train already finished" in log
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ checkpoint round trips (plain and through a real Lightning resume) and heterogen
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,28 +383,17 @@ def test_heterogeneous_pair_trains(teacher_name, student_name):
 # ---------------------------------------------------------------- a real resume
 
 
-class Interrupt(L.Callback):
-    """Stops a run at the start of an epoch, as a killed job would."""
-
-    def __init__(self, at_epoch: int) -> None:
-        self.at_epoch = at_epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.at_epoch:
-            raise RuntimeError("simulated interruption")
-
-
 def crd_state(checkpoint: str) -> dict[str, torch.Tensor]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("distiller.")}
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_same_banks(tiny_config, tmp_path):
+def test_resumed_run_ends_with_the_same_banks(tiny_config, tmp_path, interrupt):
     args = ("distiller=crd", "distiller.num_negatives=256", "epochs=3")
     full = train.run(tiny_config(*args), tmp_path / "full")
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        train.run(tiny_config(*args), tmp_path / "cut", [Interrupt(2)])
+        train.run(tiny_config(*args), tmp_path / "cut", [interrupt(2)])
     resumed = train.run(tiny_config(*args, "resume=true"), tmp_path / "cut")
     assert resumed["epochs"] == full["epochs"] == 3
     a, b = crd_state(full["last_checkpoint"]), crd_state(resumed["last_checkpoint"])

@@ -5,7 +5,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -83,21 +82,10 @@ def test_same_seed_gives_same_metrics(tiny_config, tmp_path):
     )
 
 
-class Interrupt(L.Callback):
-    """Stops a run at the start of an epoch, as a killed job would."""
-
-    def __init__(self, at_epoch: int) -> None:
-        self.at_epoch = at_epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.at_epoch:
-            raise RuntimeError("simulated interruption")
-
-
-def test_resumed_run_ends_where_uninterrupted_run_does(tiny_config, tmp_path):
+def test_resumed_run_ends_where_uninterrupted_run_does(tiny_config, tmp_path, interrupt):
     uninterrupted = train.run(tiny_config("distiller=kd", "epochs=3"), tmp_path / "full")
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        train.run(tiny_config("distiller=kd", "epochs=3"), tmp_path / "cut", [Interrupt(2)])
+        train.run(tiny_config("distiller=kd", "epochs=3"), tmp_path / "cut", [interrupt(2)])
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = train.run(tiny_config("distiller=kd", "epochs=3", "resume=true"), tmp_path / "cut")
     assert resumed["epochs"] == uninterrupted["epochs"] == 3

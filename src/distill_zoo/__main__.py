@@ -16,11 +16,17 @@ register_resolvers()
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Runs one training (or, with ``-m``, one run of a sweep); returns best val top-1."""
-    from distill_zoo import train
+    """Runs one training, or the stages of ``pipeline=<name>`` (with ``-m``, one job of a
+    sweep); returns the best val top-1 of the run (of a pipeline's last stage)."""
+    from distill_zoo import pipeline, train
 
     _route_lightning_logs_through_hydra()
-    metrics = train.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.get("pipeline"):
+        metrics = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
+    else:
+        metrics = train.run(cfg, run_dir)
     return metrics["best_val_acc1"]
 
 

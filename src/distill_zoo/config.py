@@ -32,10 +32,15 @@ def run_dir(root: str, override_dirname: str, resume: bool) -> str:
         name = name.encode()[: MAX_NAME_BYTES - 11].decode(errors="ignore") + "-" + digest
     group = Path(root) / name
     if resume and group.is_dir():
-        earlier = sorted(p for p in group.iterdir() if (p / "checkpoints" / "last.ckpt").is_file())
+        earlier = sorted(p for p in group.iterdir() if _resumable(p))
         if earlier:
             return str(earlier[-1])
     return str(group / _STARTED)
+
+
+def _resumable(folder: Path) -> bool:
+    """A run with a checkpoint to continue, or a pipeline whose stages can be continued."""
+    return (folder / "checkpoints" / "last.ckpt").is_file() or (folder / "pipeline.json").is_file()
 
 
 def register_resolvers() -> None:
@@ -58,6 +63,8 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
-    GlobalHydra.instance().clear()
+    if GlobalHydra.instance().is_initialized():
+        # Inside the running CLI app (a pipeline composing its stages): reuse its search path.
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))

@@ -46,7 +46,37 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Ten
     return obj
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher") -> nn.Module:
+def read_checkpoint(
+    path: str | os.PathLike, role: str = "teacher", config_key: str | None = None
+) -> dict:
+    """The object in the checkpoint file at ``path``, read with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names ``config_key``).
+        RuntimeError: the file cannot be read (corrupt, truncated, not a torch file).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        key = config_key or f"{role}.ckpt"
+        hint = f", or {key}=null to train the {role} on demand" if role == "teacher" else ""
+        raise FileNotFoundError(
+            f"{role} checkpoint {path} does not exist: pass {key}=<path to a .ckpt/.pt file>{hint}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot read {role} checkpoint {path}: the file is corrupt, truncated or not a "
+            f"PyTorch checkpoint of tensors ({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    role: str = "teacher",
+    config_key: str | None = None,
+) -> nn.Module:
     """Loads the checkpoint at ``path`` into ``model`` (``weights_only=True``), strictly.
 
     Raises:
@@ -55,18 +85,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher
         ValueError: the weights do not fit ``model`` (other architecture or class count).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{role} checkpoint {path} does not exist: pass {role}.ckpt=<path to a .ckpt/.pt "
-            f"file>, or {role}.ckpt=null to train the {role} on demand"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(
-            f"cannot read {role} checkpoint {path}: the file is corrupt, truncated or not a "
-            f"PyTorch checkpoint of tensors ({type(err).__name__}: {err})"
-        ) from err
+    obj = read_checkpoint(path, role, config_key)
     state = extract_state_dict(obj, source=f"{role} checkpoint {path}")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -88,8 +107,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher
         )
         raise ValueError(
             f"{role} checkpoint {path} does not fit {type(model).__name__}: {details}. "
-            f"Check that {role}=<arch> names the architecture the checkpoint was trained as, "
-            "and that the data set has the same number of classes"
+            f"Check that {role.split()[0]}=<arch> names the architecture the checkpoint was "
+            "trained as, and that the data set has the same number of classes"
         )
     model.load_state_dict(state)
     return model
@@ -109,6 +128,8 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
         seed=cfg.teacher_seed,
         resume=True,
         ckpt_path=None,
+        init_from=None,
+        pipeline=None,
     )
     return OmegaConf.create(run_cfg)
 
@@ -126,12 +147,12 @@ def teacher_key(run_cfg: DictConfig) -> str:
     return f"{name}-{digest[:12]}"
 
 
-def train_or_load_cached(cfg: DictConfig, model: nn.Module) -> nn.Module:
-    """Fills ``model`` with a teacher trained on ``cfg``'s data and recipe, training it once.
+def cached_teacher(cfg: DictConfig) -> Path:
+    """The file of the teacher ``cfg.teacher`` trained on ``cfg``'s data and recipe, trained
+    now (with ``distiller=none``) unless an earlier run cached it.
 
-    The teacher is trained with ``distiller=none`` and cached under
-    ``<teacher_store>/<arch>-<hash>/``; later runs with the same data and recipe reuse it, and
-    an interrupted teacher training resumes from its last checkpoint.
+    Teachers live under ``<teacher_store>/<arch>-<hash>/teacher.pt``; an interrupted teacher
+    training resumes from its last checkpoint.
     """
     from distill_zoo import train  # late import: train uses this module
 
@@ -153,4 +174,9 @@ def train_or_load_cached(cfg: DictConfig, model: nn.Module) -> nn.Module:
         tmp.replace(cached)  # atomic: a crash never leaves a half-written teacher
     else:
         log.info("Using cached teacher %s", cached)
-    return load_weights(model, cached)
+    return cached
+
+
+def train_or_load_cached(cfg: DictConfig, model: nn.Module) -> nn.Module:
+    """Fills ``model`` with the teacher of :func:`cached_teacher`, training it once."""
+    return load_weights(model, cached_teacher(cfg))

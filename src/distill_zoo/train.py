@@ -38,9 +38,14 @@ def has_teacher(cfg: DictConfig) -> bool:
     return bool(cfg.get("teacher")) and "_target_" in cfg.teacher
 
 
+def needs_teacher(cfg: DictConfig) -> bool:
+    """Whether the chosen distiller uses a teacher at all."""
+    return get_class(cfg.distiller._target_).requires_teacher
+
+
 def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module | None:
     """The teacher the distiller needs: from ``teacher.ckpt``, or trained once and cached."""
-    if not get_class(cfg.distiller._target_).requires_teacher:
+    if not needs_teacher(cfg):
         return None
     if not has_teacher(cfg):
         raise ValueError(
@@ -104,6 +109,32 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     )
 
 
+def initialize_from(module: DistillationModule, path: str) -> None:
+    """Starts the student, and the distiller parts that fit, from an earlier run's checkpoint.
+
+    The student must match the checkpoint exactly (other architecture: a clear error).
+    Distiller parts (a paraphraser, a connector) are taken where name and shape agree, so a
+    stage can reuse what an earlier stage trained; the rest keep their fresh initialisation.
+    """
+    teachers.load_weights(module.student, path, role="student init", config_key="init_from")
+    state = teachers.read_checkpoint(path, role="student init")
+    parts = state.get("state_dict", state)
+    own = module.distiller.state_dict()
+    taken = {
+        key.removeprefix("distiller."): value
+        for key, value in parts.items()
+        if key.startswith("distiller.")
+        and key.removeprefix("distiller.") in own
+        and own[key.removeprefix("distiller.")].shape == value.shape
+    }
+    module.distiller.load_state_dict(taken, strict=False)
+    log.info(
+        "Initialised the student from %s%s",
+        path,
+        f" and distiller parts {sorted({k.split('.')[0] for k in taken})}" if taken else "",
+    )
+
+
 def count_parameters(model: nn.Module | None) -> int | None:
     return None if model is None else sum(p.numel() for p in model.parameters())
 
@@ -151,6 +182,8 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         num_classes=num_classes,
     )
+    if cfg.get("init_from"):
+        initialize_from(module, cfg.init_from)
     trainer = build_trainer(cfg, run_dir, callbacks or [])
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")

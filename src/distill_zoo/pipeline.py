@@ -1,0 +1,278 @@
+"""Multi-stage work: ``python -m distill_zoo pipeline=<name>`` runs a list of ordinary runs.
+
+A pipeline config (``conf/pipeline/<name>.yaml``) names its stages in order::
+
+    stages:
+      hints:                                  # stage name (its folder: 1_hints/)
+        overrides: [distiller=fitnets, distiller.hint_only=true]
+      kd:
+        init: hints                           # start from the weights stage "hints" ended with
+        overrides: [distiller=kd]
+
+Each stage is composed like a command line: the pipeline command's own overrides (data,
+seed, epochs, ...) followed by the stage's ``overrides``. A stage may take
+
+- ``teacher: <earlier stage>``: that stage's student (its architecture and its
+  ``teacher_ckpt`` checkpoint, ``best`` by default) becomes this stage's teacher;
+- ``init: <earlier stage>``: this stage's student, and every distiller part of the same name
+  and shape (a paraphraser, a connector), start from that stage's ``init_ckpt`` checkpoint
+  (``last`` by default: an initialisation stage's validation accuracy says nothing).
+
+Every stage runs in its own folder below the pipeline's. A finished stage (its
+``metrics.json`` exists) is skipped when the pipeline runs again with ``resume=true``, and an
+interrupted one continues from its ``last.ckpt``. ``pipeline.json`` holds one row per stage
+(architecture, parameters, teacher, best val top-1, test top-1) and is rewritten after each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from distill_zoo import teachers, train
+from distill_zoo.config import compose
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "pipeline.json"
+CHECKPOINT_CHOICES = ("best", "last")
+PIPELINE_ONLY_KEYS = ("pipeline", "resume", "ckpt_path")
+"""Overrides of the pipeline command that are not handed on to its stages."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a pipeline, as its config describes it."""
+
+    name: str
+    folder: str
+    overrides: list[str] = field(default_factory=list)
+    teacher: str | None = None
+    teacher_ckpt: str = "best"
+    init: str | None = None
+    init_ckpt: str = "last"
+
+
+def parse_stages(node: DictConfig) -> list[Stage]:
+    """The stages of a ``pipeline`` config node, checked: hand-offs name earlier stages."""
+    stages_node = node.get("stages")
+    if not stages_node:
+        raise ValueError("the pipeline config has no stages: give `stages: {<name>: {...}}`")
+    stages: list[Stage] = []
+    for index, (name, spec) in enumerate(stages_node.items(), start=1):
+        spec = OmegaConf.to_container(spec, resolve=True) if spec is not None else {}
+        unknown = set(spec) - {"overrides", "teacher", "teacher_ckpt", "init", "init_ckpt"}
+        if unknown:
+            raise ValueError(
+                f"pipeline stage '{name}' has unknown keys {sorted(unknown)}: valid are "
+                "overrides, teacher, teacher_ckpt, init, init_ckpt"
+            )
+        stage = Stage(name=str(name), folder=f"{index}_{name}", **spec)
+        earlier = [s.name for s in stages]
+        for role in ("teacher", "init"):
+            source = getattr(stage, role)
+            if source is not None and source not in earlier:
+                raise ValueError(
+                    f"pipeline stage '{name}' takes its {role} from '{source}', which is not an "
+                    f"earlier stage (earlier stages: {earlier or 'none'})"
+                )
+            choice = getattr(stage, f"{role}_ckpt")
+            if choice not in CHECKPOINT_CHOICES:
+                raise ValueError(
+                    f"pipeline stage '{name}': {role}_ckpt must be one of {CHECKPOINT_CHOICES}, "
+                    f"got {choice!r}"
+                )
+        stages.append(stage)
+    return stages
+
+
+def stage_base_overrides(overrides: list[str]) -> list[str]:
+    """The pipeline command's overrides that every stage inherits."""
+    return [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in PIPELINE_ONLY_KEYS
+    ]
+
+
+def compose_stages(
+    cfg: DictConfig, overrides: list[str]
+) -> list[tuple[Stage, DictConfig, list[str]]]:
+    """Every stage with its composed config and its overrides, before anything trains, so a
+    bad stage fails at once rather than hours into the pipeline."""
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            "ckpt_path= resumes a single run; to continue a pipeline, re-run the same command "
+            "with resume=true"
+        )
+    base = stage_base_overrides(overrides)
+    composed = []
+    for stage in parse_stages(cfg.pipeline):
+        stage_overrides = [*base, *stage.overrides]
+        try:
+            stage_cfg = compose(stage_overrides)
+        except Exception as err:
+            raise ValueError(f"pipeline stage '{stage.name}' does not compose: {err}") from err
+        composed.append((stage, stage_cfg, stage_overrides))
+    return composed
+
+
+def run(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str], callbacks: list | None = None
+) -> dict:
+    """Runs the stages of ``cfg.pipeline`` in order in ``run_dir``; returns the last one's
+    metrics plus ``stages``, the summary rows also written to ``pipeline.json``.
+
+    Args:
+        cfg: The composed config of the pipeline command (``pipeline`` set).
+        run_dir: Output folder of the pipeline; stage ``i`` runs in ``<run_dir>/<i>_<name>``.
+        overrides: The command's overrides; each stage is composed from them plus its own.
+        callbacks: Extra Lightning callbacks for every stage (tests use them to interrupt).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    composed = compose_stages(cfg, overrides)
+    for stage, stage_cfg, _ in composed:
+        _train_teacher_on_demand(cfg, stage, stage_cfg)
+    rows = {stage.name: _pending_row(stage, stage_cfg) for stage, stage_cfg, _ in composed}
+    _write_summary(run_dir, rows)
+    finished: dict[str, dict] = {}
+    student_of: dict[str, DictConfig] = {}
+    for stage, stage_cfg, stage_overrides in composed:
+        stage_dir = run_dir / stage.folder
+        _hand_over(stage, stage_cfg, finished, student_of)
+        metrics_file = stage_dir / "metrics.json"
+        if metrics_file.is_file():
+            log.info("Stage %s already finished in %s: skipped", stage.name, stage_dir)
+            metrics = json.loads(metrics_file.read_text())
+        else:
+            stage_cfg.resume = (stage_dir / "checkpoints" / "last.ckpt").is_file()
+            _record_overrides(stage_dir, stage_overrides)
+            log.info("Stage %s (%s) in %s", stage.name, stage_cfg.student.name, stage_dir)
+            metrics = train.run(stage_cfg, stage_dir, callbacks)
+        finished[stage.name] = metrics
+        student_of[stage.name] = stage_cfg.student
+        rows[stage.name] = _finished_row(stage, stage_cfg, metrics)
+        _write_summary(run_dir, rows)
+    table = format_table(list(rows.values()))
+    log.info("Pipeline summary (%s):\n%s", run_dir / SUMMARY_FILE, table)
+    return {**finished[composed[-1][0].name], "stages": list(rows.values())}
+
+
+def _train_teacher_on_demand(cfg: DictConfig, stage: Stage, stage_cfg: DictConfig) -> None:
+    """Trains (or finds cached) a stage's teacher named without a checkpoint, on the pipeline
+    command's recipe, so that every stage sees the same teacher even when a stage changes
+    ``epochs`` or ``sched`` for itself (an initialisation stage)."""
+    if stage.teacher or not train.needs_teacher(stage_cfg) or not train.has_teacher(stage_cfg):
+        return
+    if stage_cfg.teacher.get("ckpt"):
+        return
+    recipe = cfg.copy()
+    recipe.teacher = stage_cfg.teacher
+    stage_cfg.teacher.ckpt = str(teachers.cached_teacher(recipe))
+
+
+def _hand_over(
+    stage: Stage,
+    stage_cfg: DictConfig,
+    finished: dict[str, dict],
+    student_of: dict[str, DictConfig],
+) -> None:
+    """Points the stage's teacher and init at the checkpoints of the stages they name."""
+    if stage.teacher:
+        path = _checkpoint(finished[stage.teacher], stage.teacher_ckpt, stage.teacher, stage)
+        teacher = OmegaConf.to_container(student_of[stage.teacher], resolve=True)
+        stage_cfg.teacher = {**teacher, "ckpt": path}
+    if stage.init:
+        stage_cfg.init_from = _checkpoint(finished[stage.init], stage.init_ckpt, stage.init, stage)
+
+
+def _checkpoint(metrics: dict, which: str, source: str, stage: Stage) -> str:
+    path = metrics.get(f"{which}_checkpoint")
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"pipeline stage '{stage.name}' needs the {which} checkpoint of stage '{source}', "
+            f"but {path or 'none'} does not exist: re-run stage '{source}' (delete its "
+            "metrics.json) or start the pipeline afresh"
+        )
+    return path
+
+
+def _record_overrides(stage_dir: Path, overrides: list[str]) -> None:
+    # Written where Hydra writes a command's overrides, so the report groups stages by them.
+    hydra_dir = stage_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def _teacher_label(stage: Stage, stage_cfg: DictConfig) -> str:
+    if stage.teacher:
+        return f"{stage_cfg.teacher.name} (stage {stage.teacher}, {stage.teacher_ckpt})"
+    if not train.needs_teacher(stage_cfg):
+        return "-"
+    ckpt = stage_cfg.teacher.get("ckpt")
+    return f"{stage_cfg.teacher.name} ({ckpt or 'trained on demand'})"
+
+
+def _pending_row(stage: Stage, stage_cfg: DictConfig) -> dict:
+    return {
+        "stage": stage.name,
+        "folder": stage.folder,
+        "status": "pending",
+        "student": stage_cfg.student.name,
+        "distiller": stage_cfg.distiller._target_.rsplit(".", 1)[-1],
+        "teacher": "-" if stage.teacher else _teacher_label(stage, stage_cfg),
+        "init": stage.init and f"stage {stage.init} ({stage.init_ckpt})",
+    }
+
+
+def _finished_row(stage: Stage, stage_cfg: DictConfig, metrics: dict) -> dict:
+    return {
+        **_pending_row(stage, stage_cfg),
+        "status": "done",
+        "teacher": _teacher_label(stage, stage_cfg),
+        "student_params": metrics.get("student_params"),
+        "best_val_acc1": metrics.get("best_val_acc1"),
+        "test_acc1_best": metrics.get("test_acc1_best"),
+        "test_acc1_last": metrics.get("test_acc1_last"),
+    }
+
+
+def _write_summary(run_dir: Path, rows: dict[str, dict]) -> None:
+    tmp = run_dir / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps({"stages": list(rows.values())}, indent=2) + "\n")
+    tmp.replace(run_dir / SUMMARY_FILE)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The stage rows as a fixed-width text table."""
+    columns = [
+        ("stage", "stage"),
+        ("student", "student"),
+        ("student_params", "params"),
+        ("distiller", "distiller"),
+        ("teacher", "teacher"),
+        ("best_val_acc1", "best val"),
+        ("test_acc1_best", "test (best)"),
+        ("test_acc1_last", "test (last)"),
+    ]
+
+    def cell(row: dict, key: str) -> str:
+        value = row.get(key)
+        if key == "stage" and row.get("status") != "done":
+            return f"{value} ({row.get('status')})"
+        if isinstance(value, float):
+            return f"{100 * value:.2f}"
+        return "-" if value is None else str(value)
+
+    table = [[title for _, title in columns]]
+    table += [[cell(row, key) for key, _ in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
+    return "\n".join(line.rstrip() for line in lines)

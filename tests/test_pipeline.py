@@ -1,0 +1,149 @@
+"""Pipelines: stage specs checked up front, every conf/pipeline preset end to end on tiny data,
+hand-overs of weights between stages, and a pipeline cut between and within stages."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distill_zoo import pipeline, train
+from distill_zoo.config import CONF_DIR, compose
+from distill_zoo.distillers.base import DistillContext
+from distill_zoo.distillers.ft import FT
+from distill_zoo.models import create_model
+from distill_zoo.module import DistillationModule
+
+PIPELINES = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
+
+
+@pytest.fixture
+def tiny_overrides(teacher_store):
+    def make(*extra: str) -> list[str]:
+        return [
+            "data=synthetic",
+            "student=resnet8",
+            "teacher=resnet14",
+            "trainer=cpu",
+            "logger=csv",
+            "callbacks=none",
+            f"teacher_store={teacher_store}",
+            *extra,
+        ]
+
+    return make
+
+
+def run_pipeline(overrides: list[str], run_dir, callbacks=None) -> dict:
+    return pipeline.run(compose(overrides), run_dir, overrides, callbacks)
+
+
+def stages(spec: dict):
+    return pipeline.parse_stages(OmegaConf.create({"stages": spec}))
+
+
+def test_stage_specs_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="no stages"):
+        pipeline.parse_stages(OmegaConf.create({}))
+    with pytest.raises(ValueError, match=r"unknown keys \['teachr'\]"):
+        stages({"a": {"teachr": "b"}})
+    with pytest.raises(ValueError, match="'b', which is not an earlier stage"):
+        stages({"a": {"init": "b"}, "b": {}})
+    with pytest.raises(ValueError, match="teacher_ckpt must be one of"):
+        stages({"a": {}, "b": {"teacher": "a", "teacher_ckpt": "first"}})
+    parsed = stages({"a": {"overrides": ["epochs=1"]}, "b": {"teacher": "a"}})
+    assert [(s.name, s.folder, s.teacher, s.teacher_ckpt) for s in parsed] == [
+        ("a", "1_a", None, "best"),
+        ("b", "2_b", "a", "best"),
+    ]
+
+
+def test_a_stage_that_does_not_compose_is_named(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        "pipeline=fitnets_2stage", 'pipeline.stages.train.overrides=["distiller=nope"]'
+    )
+    with pytest.raises(ValueError, match="stage 'train' does not compose"):
+        run_pipeline(overrides, tmp_path)
+    assert not (tmp_path / "1_hints").exists()
+
+
+def test_stages_inherit_the_command_but_not_its_pipeline_keys():
+    base = pipeline.stage_base_overrides(
+        ["pipeline=ab_2stage", "pipeline.init_epochs=3", "resume=true", "seed=2", "+x.y=1"]
+    )
+    assert base == ["seed=2", "+x.y=1"]
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_preset_runs_end_to_end(tiny_overrides, tmp_path, name):
+    overrides = tiny_overrides(f"pipeline={name}", "pipeline.init_epochs=1", "epochs=3")
+    result = run_pipeline(overrides, tmp_path)
+    summary = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
+    assert [row["status"] for row in summary] == ["done"] * len(summary) == ["done", "done"]
+    assert summary[1]["init"] == f"stage {summary[0]['stage']} (last)"
+    for row in summary:
+        assert (tmp_path / row["folder"] / "metrics.json").is_file()
+    first = json.loads((tmp_path / summary[0]["folder"] / "metrics.json").read_text())
+    assert first["epochs"] == 1  # the initialisation stage's own length
+    assert result["epochs"] == 3
+    assert result["best_val_acc1"] > 0.6, summary  # 4 classes: chance is 0.25
+
+
+def test_later_stages_start_from_the_earlier_stage(tiny_overrides, tmp_path):
+    """FT's transfer stage starts from the paraphraser the first stage trained."""
+    overrides = tiny_overrides("pipeline=ft_2stage", "pipeline.init_epochs=1", "epochs=1")
+    result = run_pipeline(overrides, tmp_path)
+    stage1 = torch.load(
+        tmp_path / "1_paraphraser" / "checkpoints" / "last.ckpt", weights_only=True
+    )["state_dict"]
+    stage2 = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]
+    paraphraser = [k for k in stage1 if k.startswith("distiller.paraphraser.")]
+    assert paraphraser and all(torch.equal(stage1[k], stage2[k]) for k in paraphraser)
+    assert stage2["distiller.paraphraser_steps"].item() > 0
+
+
+def test_initialize_from_takes_the_student_and_matching_parts(tmp_path):
+    torch.manual_seed(0)
+    context = DistillContext(
+        student_stages=["layer1", "layer2", "layer3"],
+        teacher_stages=["layer1", "layer2", "layer3"],
+        example_input=torch.zeros(2, 3, 16, 16),
+        num_classes=4,
+    )
+
+    def module(student_arch: str) -> DistillationModule:
+        student, teacher = create_model(student_arch, 4), create_model("resnet14", 4)
+        distiller = FT(student, teacher, context=context, mode="paraphraser")
+        return DistillationModule(student, teacher, distiller, torch.optim.SGD, None, 4)
+
+    source = module("resnet8")
+    source.distiller.paraphraser_steps.fill_(7)
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    target = module("resnet8")
+    train.initialize_from(target, str(path))
+    for key, value in source.state_dict().items():
+        if key.startswith(("student.", "distiller.")):
+            assert torch.equal(value, target.state_dict()[key]), key
+    with pytest.raises(ValueError, match="does not fit CifarResNet.*student=<arch>"):
+        train.initialize_from(module("resnet20"), str(path))
+    with pytest.raises(FileNotFoundError, match="init_from=<path"):
+        train.initialize_from(target, str(tmp_path / "missing.ckpt"))
+
+
+def test_cut_pipeline_resumes_to_the_uninterrupted_result(tiny_overrides, tmp_path, interrupt):
+    overrides = tiny_overrides("pipeline=fitnets_2stage", "pipeline.init_epochs=2", "epochs=3")
+    full = run_pipeline(overrides, tmp_path / "full")
+    cut = tmp_path / "cut"
+    # Killed as the second stage starts (between stages), then half-way through it.
+    for at_epoch in (0, 2):
+        with pytest.raises(RuntimeError, match="simulated interruption"):
+            run_pipeline(overrides, cut, [interrupt(at_epoch, folder="2_train")])
+        rows = json.loads((cut / "pipeline.json").read_text())["stages"]
+        assert [r["status"] for r in rows] == ["done", "pending"]
+    resumed = run_pipeline(overrides, cut)
+    for key in ("best_val_acc1", "test_acc1_best", "test_acc1_last", "epochs"):
+        assert resumed[key] == full[key], key
+    a = torch.load(full["last_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("student."))
