@@ -171,6 +171,94 @@ def at_loss(
     return total
 
 
+def ab_loss(
+    student_preacts: Tensor | Sequence[Tensor],
+    teacher_preacts: Tensor | Sequence[Tensor],
+    margin: float = 1.0,
+    formulation: str = "repdistiller",
+) -> Tensor:
+    """Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+    Hidden Neurons" (AAAI 2019), https://arxiv.org/abs/1811.03233.
+
+    The alternative loss of Eq. 6: a student neuron whose teacher neuron is active
+    (``t > 0``) is pushed above ``+margin``, one whose teacher neuron is off below
+    ``-margin``, each with a squared hinge. Per layer pair, summed over every neuron and
+    averaged over the batch::
+
+        l = mean_b sum_{c,h,w} [ (t > 0) * relu(margin - s)^2 + (t <= 0) * relu(margin + s)^2 ]
+
+    - ``paper``: ``sum_j l_j`` over the layer pairs.
+    - ``repdistiller`` (default): ``sum_j 2^(j - n + 1) * l_j * 3 / 1000``, RepDistiller's
+      weighting (the deepest pair weighs 1, each earlier one half the next) and scale.
+
+    Args:
+        student_preacts: The student's pre-activations brought to the teacher's shape by the
+            connector, one ``[B, C, H, W]`` map or a sequence of them.
+        teacher_preacts: The teacher's pre-activations (only their sign is used).
+        margin: The margin ``mu`` (1 in the paper and in RepDistiller).
+        formulation: ``"repdistiller"`` or ``"paper"``.
+    """
+    _check_formulation(formulation)
+    student, teacher = _as_list(student_preacts), _as_list(teacher_preacts)
+    _check_pairs(student, teacher, "ab_loss")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    n = len(student)
+    for j, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"ab_loss pair {j}: the connected student map {tuple(s.shape)} and the teacher "
+                f"map {tuple(t.shape)} differ in shape"
+            )
+        s, active = s.float(), t > 0
+        hinge = torch.where(active, F.relu(margin - s), F.relu(margin + s)).pow(2)
+        layer = hinge.sum() / s.shape[0]
+        if formulation == "repdistiller":
+            layer = layer * 2.0 ** (j - n + 1) * 3 / 1000
+        total = total + layer
+    return total
+
+
+def factor(feature: Tensor, formulation: str = "repdistiller") -> Tensor:
+    """A factor as one unit vector per sample (Kim et al., NeurIPS 2018, Eq. 2's
+    ``F / ||F||_2``): ``paper`` flattens the whole ``[B, C, H, W]`` factor; ``repdistiller``
+    first takes the mean of squares over channels (``[B, H*W]``), as RepDistiller does."""
+    _check_formulation(formulation)
+    f = feature.float()
+    if formulation == "repdistiller":
+        f = f.pow(2).mean(dim=1)
+    return F.normalize(f.flatten(1), p=2.0, dim=1)
+
+
+def ft_loss(
+    student_factor: Tensor, teacher_factor: Tensor, formulation: str = "repdistiller"
+) -> Tensor:
+    """Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer"
+    (NeurIPS 2018), https://arxiv.org/abs/1802.04977.
+
+    The L1 distance between the normalised factors of :func:`factor` (Eq. 2, ``p = 1``); the
+    larger map is first average-pooled to the smaller's resolution.
+
+    - ``paper``: ``mean_b || F_T/||F_T|| - F_S/||F_S|| ||_1`` with the whole factor.
+    - ``repdistiller`` (default, the CRD benchmark's weight 200 belongs to it): the mean over
+      batch and positions of ``|q_T - q_S|`` with channel-averaged squared factors.
+
+    Args:
+        student_factor: The translator's output ``[B, C, H, W]``.
+        teacher_factor: The paraphraser's encoding of the teacher feature, same channels.
+        formulation: ``"repdistiller"`` or ``"paper"``.
+    """
+    _check_formulation(formulation)
+    _check_pairs([student_factor], [teacher_factor], "ft_loss")
+    s, t = match_spatial(student_factor, teacher_factor)
+    if formulation == "paper" and s.shape != t.shape:
+        raise ValueError(
+            f"ft_loss (paper) compares whole factors, but the student factor {tuple(s.shape)} "
+            f"and the teacher factor {tuple(t.shape)} differ in channels"
+        )
+    diff = (factor(s, formulation) - factor(t, formulation)).abs()
+    return diff.mean() if formulation == "repdistiller" else diff.sum(dim=1).mean()
+
+
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     """Flow of solution procedure (FSP) matrix of two layers of one network (Yim et al.,
     CVPR 2017, Eq. 1): ``G[b, i, j] = 1/(h*w) * sum_{s,t} F1[b, i, s, t] * F2[b, j, s, t]``.
