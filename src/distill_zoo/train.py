@@ -15,6 +15,7 @@ from torch import nn
 
 from distill_zoo import teachers
 from distill_zoo.distillers.base import DistillContext
+from distill_zoo.models.ensemble import TeacherEnsemble
 from distill_zoo.module import DistillationModule
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,11 @@ def needs_teacher(cfg: DictConfig) -> bool:
 
 
 def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module | None:
-    """The teacher the distiller needs: from ``teacher.ckpt``, or trained once and cached."""
+    """The teacher the distiller needs: from ``teacher.ckpt``, or trained once and cached.
+
+    A list of checkpoints (``teacher.ckpt=[a.ckpt,b.ckpt]``) is an ensemble of that
+    architecture (:class:`~distill_zoo.models.ensemble.TeacherEnsemble`).
+    """
     if not needs_teacher(cfg):
         return None
     if not has_teacher(cfg):
@@ -52,10 +57,41 @@ def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Mod
             f"distiller {cfg.distiller._target_} needs a teacher, but teacher=none: choose one, "
             "e.g. teacher=resnet56 teacher.ckpt=<file>"
         )
+    ckpt = cfg.teacher.get("ckpt")
+    if OmegaConf.is_list(ckpt) or isinstance(ckpt, list):
+        members = [
+            teachers.load_weights(build_model(cfg.teacher, num_classes, in_channels), path)
+            for path in ckpt
+        ]
+        return TeacherEnsemble(members)
     teacher = build_model(cfg.teacher, num_classes, in_channels)
-    if cfg.teacher.get("ckpt"):
-        return teachers.load_weights(teacher, cfg.teacher.ckpt)
+    if ckpt:
+        return teachers.load_weights(teacher, ckpt)
     return teachers.train_or_load_cached(cfg, teacher)
+
+
+def teacher_stages(cfg: DictConfig, teacher: nn.Module | None) -> list[str]:
+    """The teacher's stage layers; an ensemble's are those of its first member."""
+    if teacher is None:
+        return []
+    stages = list(cfg.teacher.get("feature_layers") or [])
+    if isinstance(teacher, TeacherEnsemble):
+        return [f"members.0.{name}" for name in stages]
+    return stages
+
+
+def check_ensemble_use(teacher: nn.Module | None, distiller: nn.Module) -> None:
+    """An ensemble teacher gives averaged predictions, not features: feature methods fail."""
+    if not isinstance(teacher, TeacherEnsemble):
+        return
+    teacher_layers = distiller.layers()[1]
+    if teacher_layers:
+        raise ValueError(
+            f"{type(distiller).__name__} reads teacher features ({teacher_layers}), but an "
+            "ensemble teacher (teacher.ckpt=[...]) only averages predictions: use a logit-based "
+            "distiller (kd, ...) or a single teacher.ckpt"
+        )
+    teacher.temperature = distiller.soft_temperature
 
 
 def warn_about_schedule(cfg: DictConfig) -> None:
@@ -167,13 +203,14 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     student = build_model(cfg.student, num_classes, in_channels)
     context = DistillContext(
         student_stages=list(cfg.student.get("feature_layers") or []),
-        teacher_stages=list(cfg.teacher.get("feature_layers") or []) if teacher else [],
+        teacher_stages=teacher_stages(cfg, teacher),
         example_input=_example_input(datamodule),
         num_classes=num_classes,
         num_train_samples=datamodule.num_train_samples,
         train_targets=datamodule.train_targets,
     )
     distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
+    check_ensemble_use(teacher, distiller)
     module = DistillationModule(
         student=student,
         teacher=teacher,

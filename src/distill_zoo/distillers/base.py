@@ -98,6 +98,13 @@ class Distiller(nn.Module):
     student_layers: Sequence[str] = ()
     teacher_layers: Sequence[str] = ()
 
+    @property
+    def soft_temperature(self) -> float:
+        """The temperature at which this method softens the teacher's logits (an ensemble
+        teacher averages its members' predictions at it); methods with their own temperature
+        override this."""
+        return self.kd_temperature
+
     def layers(self) -> tuple[list[str], list[str]]:
         """Names of the (student, teacher) layers whose outputs :meth:`forward` reads: by
         default the ``student_layers``/``teacher_layers`` a subclass sets in ``__init__``."""
