@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from distill_zoo import teachers, train
-from distill_zoo.models.ensemble import TeacherEnsemble
+from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
 
 
 class Fixed(nn.Module):
@@ -45,14 +45,38 @@ def test_ensemble_needs_two_members():
         TeacherEnsemble([Fixed([0.0, 1.0])])
 
 
-def test_kd_from_a_list_of_teacher_checkpoints(tiny_config, tmp_path):
+def two_teachers(tiny_config) -> str:
+    """``teacher.ckpt=[...]`` of two tiny teachers trained with different seeds (cached)."""
     paths = [str(teachers.cached_teacher(tiny_config(f"teacher_seed={seed}"))) for seed in (0, 1)]
     assert paths[0] != paths[1]
-    ckpts = f"teacher.ckpt=[{paths[0]},{paths[1]}]"
+    return f"teacher.ckpt=[{paths[0]},{paths[1]}]"
+
+
+def test_kd_from_a_list_of_teacher_checkpoints(tiny_config, tmp_path):
+    ckpts = two_teachers(tiny_config)
     metrics = train.run(tiny_config("distiller=kd", ckpts, "epochs=4"), tmp_path / "kd")
     assert metrics["teacher_params"] == 2 * train.count_parameters(
         train.build_model(tiny_config().teacher, 4, 3)
     )
     assert metrics["best_val_acc1"] > 0.6
-    with pytest.raises(ValueError, match="only averages predictions"):
+    with pytest.raises(ValueError, match="only gives predictions"):
         train.run(tiny_config("distiller=at", ckpts), tmp_path / "at")
+
+
+def test_route_switches_anchor_at_its_start_epochs():
+    route = TeacherRoute([Fixed([1.0, 0.0]), Fixed([0.0, 1.0]), Fixed([2.0, 2.0])], [0, 2, 5])
+    seen = []
+    for epoch in range(7):
+        route.set_epoch(epoch)
+        seen.append(route(torch.zeros(1, 1)).tolist()[0])
+    assert seen == [[1, 0], [1, 0], [0, 1], [0, 1], [0, 1], [2, 2], [2, 2]]
+    with pytest.raises(ValueError, match="begin at 0 and increase"):
+        TeacherRoute([Fixed([1.0]), Fixed([1.0])], [0, 0])
+
+
+@pytest.mark.parametrize("distiller", ["dkd", "dist", "ctkd"])
+def test_every_logit_method_takes_an_ensemble(tiny_config, tmp_path, distiller):
+    metrics = train.run(
+        tiny_config(f"distiller={distiller}", two_teachers(tiny_config), "epochs=1"), tmp_path
+    )
+    assert metrics["teacher_test_acc1"] > 0.25

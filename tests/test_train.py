@@ -98,10 +98,12 @@ def test_resumed_run_ends_where_uninterrupted_run_does(tiny_config, tmp_path, in
 @pytest.mark.parametrize("distiller", DISTILLERS)
 def test_every_distiller_config_trains_and_learns(tiny_config, tmp_path, distiller):
     metrics = train.run(tiny_config(f"distiller={distiller}", "epochs=4"), tmp_path)
-    rows = list(csv.DictReader((tmp_path / "logs" / "csv" / "metrics.csv").open()))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0], losses
+    rows = [r for r in csv.DictReader((tmp_path / "logs" / "csv" / "metrics.csv").open())]
+    rows = [r for r in rows if r.get("train/loss")]
+    assert len(rows) == 4 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    # The label term falls; the total may rise while a method's weight warms up (DKD, ReviewKD).
+    ce = [float(r["train/loss_ce"]) for r in rows]
+    assert ce[-1] < ce[0], ce
     assert metrics["best_val_acc1"] > 0.6, metrics  # 4 classes: chance is 0.25
 
 

@@ -726,3 +726,654 @@ def crd_loss(
     return crd_nce_loss(student_logits, student_normaliser, num_train_samples) + crd_nce_loss(
         teacher_logits, teacher_normaliser, num_train_samples
     )
+
+
+# --- Logit methods: standardization, logit matching, DKD, DIST, Tf-KD -----------------
+
+TF_KD_FORMULATIONS = ("official", "paper")
+"""``official``: the authors' code (``loss_kd_regularization``), which the published CIFAR-100
+hyper-parameters belong to; ``paper``: the formula as the Tf-KD paper writes it."""
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{method} needs [batch, classes] student and teacher logits of one shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}: do student and "
+            "teacher have the same number of classes?"
+        )
+
+
+def _check_targets(logits: Tensor, targets: Tensor, method: str) -> None:
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{method} needs one class index per sample: targets {tuple(targets.shape)} for "
+            f"logits {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"{method} needs at least two classes, got {logits.shape[1]}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def standardize_logits(logits: Tensor, unbiased: bool = True, eps: float = 1e-7) -> Tensor:
+    """Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024),
+    https://arxiv.org/abs/2403.01427.
+
+    The per-sample Z-score of the logits, ``(z - mean_k z) / (std_k z + eps)``, taken before the
+    temperature softmax so that the student matches the teacher's logit *relations* rather
+    than their range. Computed in fp32.
+
+    The authors' code (``normalize`` in their ``mdistiller/distillers/KD.py``) uses
+    ``torch.std`` (the unbiased estimate, dividing by ``K - 1``) and adds ``eps = 1e-7`` to the
+    standard deviation; these are the defaults. The paper's Algorithm 1 writes the
+    population standard deviation (``unbiased=False``); the two differ by the constant factor
+    ``sqrt(K / (K - 1))``, which a temperature absorbs.
+
+    Args:
+        logits: ``[B, K]`` logits.
+        unbiased: Divide the variance by ``K - 1`` (the authors' code) rather than ``K``.
+        eps: Added to the standard deviation (guards constant rows).
+    """
+    z = logits.float()
+    mean = z.mean(dim=1, keepdim=True)
+    std = z.std(dim=1, keepdim=True, correction=1 if unbiased else 0)
+    return (z - mean) / (std + eps)
+
+
+@_fp32
+def logit_mse_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Ba & Caruana, "Do Deep Nets Really Need to be Deep?" (NIPS 2014),
+    https://arxiv.org/abs/1312.6184: the student regresses the teacher's raw logits.
+
+    ``1/(2B) * sum_b sum_k (s_bk - t_bk)^2``: the paper's ``1/(2T) sum_t ||g(x_t) - z_t||_2^2``
+    (Sec. 2.2), half the squared L2 distance summed over the classes and averaged over the
+    ``B`` samples. ``F.mse_loss`` (mean over all ``B*K`` entries) is this times ``2/K``.
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+    """
+    _check_logits(student_logits, teacher_logits, "logit_mse_loss")
+    diff = student_logits.float() - teacher_logits.float()
+    return 0.5 * diff.pow(2).sum() / diff.shape[0]
+
+
+@_fp32
+def prob_mse_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Squared error between the softened class probabilities of student and teacher:
+    ``1/(2B) * sum_b sum_k (softmax(s_b/T)_k - softmax(t_b/T)_k)^2``, reduced like
+    :func:`logit_mse_loss` (Ba & Caruana's reduction; no ``T^2`` factor).
+
+    Hinton et al. (NIPS-W 2014, https://arxiv.org/abs/1503.02531, Sec. 2.1) show that at high
+    temperature KD's gradient tends to that of logit matching; matching probabilities with an
+    L2 loss is the common middle ground (e.g. the "MSE" baselines of later KD studies).
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        temperature: Softmax temperature ``T > 0``.
+    """
+    _check_temperature(temperature)
+    _check_logits(student_logits, teacher_logits, "prob_mse_loss")
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return 0.5 * (p_s - p_t).pow(2).sum() / p_s.shape[0]
+
+
+def _target_split(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probabilities at temperature ``T`` of the binary split ``[p_t, 1 - p_t]``
+    (``[B, 2]``) and of the softmax over the non-target classes only (``[B, K - 1]``)."""
+    z = logits.float() / temperature
+    batch, classes = z.shape
+    target_mask = F.one_hot(targets, classes).bool()
+    z_target = z[target_mask].view(batch, 1)
+    z_others = z[~target_mask].view(batch, classes - 1)  # row order kept
+    log_all = torch.logsumexp(z, dim=1, keepdim=True)
+    log_others = torch.logsumexp(z_others, dim=1, keepdim=True)
+    binary = torch.cat([z_target - log_all, log_others - log_all], dim=1)
+    return binary, z_others - log_others
+
+
+def _reduce_kl(log_student: Tensor, log_teacher: Tensor, reduction: str) -> Tensor:
+    kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=1)
+    if reduction == "batchmean":
+        return kl.mean()
+    if reduction == "none":
+        return kl
+    raise ValueError(f"reduction must be 'batchmean' or 'none', got {reduction!r}")
+
+
+@_fp32
+def tckd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Target-class KD of Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022),
+    https://arxiv.org/abs/2203.08679, Eq. 2-4.
+
+    ``T^2 * KL(b^T || b^S)`` with the binary distributions ``b = [p_t, 1 - p_t]`` of each
+    network's target-class probability at temperature ``T``. Computed in log space
+    (``log(1 - p_t) = logsumexp(non-target z/T) - logsumexp(z/T)``).
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        targets: ``[B]`` class indices.
+        temperature: Softmax temperature ``T > 0``.
+        reduction: ``"batchmean"`` (mean over the batch) or ``"none"`` (``[B]``).
+    """
+    _check_temperature(temperature)
+    _check_logits(student_logits, teacher_logits, "tckd_loss")
+    _check_targets(student_logits, targets, "tckd_loss")
+    binary_s, _ = _target_split(student_logits, targets, temperature)
+    binary_t, _ = _target_split(teacher_logits, targets, temperature)
+    return _reduce_kl(binary_s, binary_t, reduction) * temperature**2
+
+
+@_fp32
+def nckd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Non-target-class KD of Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022),
+    https://arxiv.org/abs/2203.08679, Eq. 5.
+
+    ``T^2 * KL(p_hat^T || p_hat^S)`` with ``p_hat`` the softmax at temperature ``T`` over the
+    ``K - 1`` non-target classes only (the reference subtracts 1000 from the target logit;
+    here the target column is removed, which is exact).
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        targets: ``[B]`` class indices.
+        temperature: Softmax temperature ``T > 0``.
+        reduction: ``"batchmean"`` (mean over the batch) or ``"none"`` (``[B]``).
+    """
+    _check_temperature(temperature)
+    _check_logits(student_logits, teacher_logits, "nckd_loss")
+    _check_targets(student_logits, targets, "nckd_loss")
+    _, others_s = _target_split(student_logits, targets, temperature)
+    _, others_t = _target_split(teacher_logits, targets, temperature)
+    return _reduce_kl(others_s, others_t, reduction) * temperature**2
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022),
+    https://arxiv.org/abs/2203.08679, Eq. 7.
+
+    ``alpha * TCKD + beta * NCKD`` (:func:`tckd_loss`, :func:`nckd_loss`; both include
+    ``T^2`` and average over the batch, as mdistiller's ``dkd_loss``). Classical KD is the
+    special case ``KD = TCKD + (1 - p_t^T) * NCKD`` per sample (Eq. 4), ``p_t^T`` the
+    teacher's target-class probability: DKD decouples the two weights.
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        targets: ``[B]`` class indices.
+        alpha: Weight of TCKD.
+        beta: Weight of NCKD.
+        temperature: Softmax temperature ``T > 0``.
+    """
+    tckd = tckd_loss(student_logits, teacher_logits, targets, temperature)
+    nckd = nckd_loss(student_logits, teacher_logits, targets, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def pearson_correlation(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Row-wise Pearson correlation of two ``[N, D]`` tensors: the cosine similarity of the
+    mean-centred rows, ``<a_c, b_c> / (||a_c|| * ||b_c|| + eps)`` (``eps`` as in the DIST
+    authors' code; it makes a constant row correlate 0 instead of NaN). Returns ``[N]``."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@_fp32
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+) -> Tensor:
+    """Huang et al., "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022),
+    https://arxiv.org/abs/2205.10536, Eq. 5-9.
+
+    With ``Y = softmax(z / tau)`` row-wise (``[B, K]``):
+
+    - inter-class relation ``1 - 1/B sum_i rho(Y^s_i, Y^t_i)`` (each sample's prediction row),
+    - intra-class relation ``1 - 1/K sum_j rho(Y^s_:j, Y^t_:j)`` (each class's column over the
+      batch),
+
+    ``rho`` the Pearson correlation (:func:`pearson_correlation`);
+    ``loss = tau^2 * (beta * inter + gamma * intra)``, as the authors' code
+    (``image_classification_sota``'s ``DIST``) multiplies both terms by ``tau^2``.
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        beta: Weight of the inter-class relation.
+        gamma: Weight of the intra-class relation.
+        tau: Softmax temperature ``> 0``.
+    """
+    _check_temperature(tau)
+    _check_logits(student_logits, teacher_logits, "dist_loss")
+    y_s = F.softmax(student_logits.float() / tau, dim=1)
+    y_t = F.softmax(teacher_logits.float() / tau, dim=1)
+    inter = 1 - pearson_correlation(y_s, y_t).mean()
+    intra = 1 - pearson_correlation(y_s.t(), y_t.t()).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float) -> Tensor:
+    """The hand-designed teacher of Tf-KD_reg (Yuan et al., CVPR 2020, Eq. 9): probability
+    ``a`` on the correct class and ``(1 - a) / (K - 1)`` on each other class.
+
+    Args:
+        targets: ``[B]`` class indices.
+        num_classes: ``K >= 2``.
+        correct_prob: ``a``, in ``(0, 1)``.
+
+    Returns:
+        ``[B, K]`` fp32 probabilities.
+    """
+    if num_classes < 2:
+        raise ValueError(f"the virtual teacher needs at least two classes, got {num_classes}")
+    if not 0 < correct_prob < 1:
+        raise ValueError(f"the correct-class probability must be in (0, 1), got {correct_prob}")
+    off = (1 - correct_prob) / (num_classes - 1)
+    probs = torch.full((targets.shape[0], num_classes), off, device=targets.device)
+    return probs.scatter(1, targets.view(-1, 1), correct_prob)
+
+
+@_fp32
+def tf_kd_reg_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    formulation: str = "official",
+) -> Tensor:
+    """Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing Regularization"
+    (CVPR 2020), https://arxiv.org/abs/1909.11723: the soft term of Tf-KD_reg, the student
+    distilled from the :func:`virtual_teacher` ``p^d`` (no trained teacher).
+
+    - ``official`` (default; the authors' ``loss_kd_regularization``, to which the published
+      CIFAR-100 hyper-parameters belong): the teacher is ``softmax(p^d / T)``, the temperature
+      applied to the *probabilities* as if they were logits, which makes it nearly uniform
+      for large ``T``; the student is ``log_softmax(s)`` at temperature 1; the KL divergence is
+      averaged over all ``B*K`` entries (``nn.KLDivLoss()``'s default ``"mean"``).
+    - ``paper`` (Eq. 10, ``D_KL(p^d_tau, p^tau)``): both sides softened at ``T``: the teacher as
+      ``softmax(log p^d / T)`` (i.e. ``p^d``'s log-probabilities taken as its logits, so
+      ``p^d_tau ∝ (p^d)^(1/T)``), the student as ``softmax(s / T)``; the KL divergence summed
+      over classes and averaged over the batch. No ``T^2`` factor (the paper writes none).
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        targets: ``[B]`` class indices.
+        correct_prob: ``a``, the virtual teacher's correct-class probability (the authors' code
+            fixes 0.99; the paper asks for ``a >= 0.9``).
+        temperature: ``T > 0``.
+        formulation: ``"official"`` or ``"paper"``.
+    """
+    if formulation not in TF_KD_FORMULATIONS:
+        raise ValueError(f"formulation must be one of {TF_KD_FORMULATIONS}, got {formulation!r}")
+    _check_temperature(temperature)
+    if student_logits.dim() != 2:
+        raise ValueError(f"tf_kd_reg_loss needs [B, K] logits, got {tuple(student_logits.shape)}")
+    _check_targets(student_logits, targets, "tf_kd_reg_loss")
+    p_d = virtual_teacher(targets, student_logits.shape[1], correct_prob)
+    s = student_logits.float()
+    if formulation == "official":
+        log_teacher = F.log_softmax(p_d / temperature, dim=1)
+        log_student = F.log_softmax(s, dim=1)
+        kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True)
+        return kl.mean()
+    log_teacher = F.log_softmax(p_d.log() / temperature, dim=1)
+    log_student = F.log_softmax(s / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+
+
+# --- OFD, CTKD: margin-clipped pre-activations; a learned, adversarial temperature -----
+
+
+def ofd_margin(bn_weight: Tensor, bn_bias: Tensor | None = None, min_mass: float = 1e-3) -> Tensor:
+    """Per-channel margin of OFD's margin ReLU (Heo et al., "A Comprehensive Overhaul of
+    Feature Distillation", ICCV 2019, https://arxiv.org/abs/1904.01866): the
+    expectation of the teacher's negative responses, ``m_c = E[x | x < 0]``.
+
+    A BatchNorm in eval mode outputs, per channel, about ``x ~ N(mu, s^2)`` with
+    ``mu = bias`` and ``s = |weight|``, and for that Gaussian (a truncated-normal mean)::
+
+        E[x | x < 0] = mu - s * phi(mu / s) / Phi(-mu / s)
+
+    with ``phi``/``Phi`` the standard normal density/distribution. Where
+    ``Phi(-mu / s) <= min_mass`` (almost no negative responses, the quotient is unstable) the
+    official code's fallback ``-3 s`` is used; ``s = 0`` with ``mu <= 0`` gives ``mu``
+    (every response equals ``mu``) and ``s = 0`` with ``mu > 0`` the fallback, 0. Computed in
+    float64 and returned in the weight's dtype.
+
+    Args:
+        bn_weight: ``[C]`` scale ``gamma`` of the BatchNorm feeding the pre-activation.
+        bn_bias: ``[C]`` shift ``beta``; ``None`` (a BatchNorm without affine parameters, whose
+            output is standard normal) means 0.
+        min_mass: The closed form is used where ``Phi(-mu / s) > min_mass`` (0.001 in the
+            official code).
+    """
+    s = bn_weight.detach().double().abs()
+    mu = torch.zeros_like(s) if bn_bias is None else bn_bias.detach().double()
+    if s.shape != mu.shape or s.dim() != 1:
+        raise ValueError(
+            f"ofd_margin needs [C] BatchNorm weight and bias, got {tuple(s.shape)} and "
+            f"{tuple(mu.shape)}"
+        )
+    z = mu / s  # +-inf or nan where s = 0: those fall to the branches below
+    mass = torch.special.ndtr(-z)
+    density = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    closed_form = mu - s * density / mass
+    margin = torch.where(mass > min_mass, closed_form, -3 * s)
+    margin = torch.where((s == 0) & (mu <= 0), mu, margin)
+    return margin.to(bn_weight.dtype)
+
+
+def ofd_loss(
+    student_preacts: Tensor | Sequence[Tensor],
+    teacher_preacts: Tensor | Sequence[Tensor],
+    margins: Tensor | Sequence[Tensor],
+) -> Tensor:
+    """Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019),
+    https://arxiv.org/abs/1904.01866: the partial L2 distance between the student's
+    connected pre-activations ``s`` and the margin-ReLU'd teacher pre-activations
+    ``t' = max(t, m)`` (the margin ReLU, ``m`` per channel from :func:`ofd_margin`)::
+
+        l_j = 1/B * sum_{b,c,h,w} (s - t')^2 * [ (s > t') or (t' > 0) ]
+
+    i.e. where the teacher responds negatively (``t' <= 0``) a student below it is not
+    penalised. Over the ``n`` layer pairs the official CIFAR code
+    (https://github.com/clovaai/overhaul-distillation, ``CIFAR-100/distiller.py``;
+    mdistiller's ``OFD`` is the same) halves the weight of each earlier pair,
+    ``sum_j l_j / 2^(n - 1 - j)``; its extra ``1/1000`` (``loss_distill.sum() / batch_size /
+    1000``) is left to the caller's weight.
+
+    Args:
+        student_preacts: The student's pre-activations through the connectors, one
+            ``[B, C, H, W]`` map per pair, each the shape of its teacher map.
+        teacher_preacts: The teacher's pre-activations.
+        margins: One ``[C]`` margin per pair (negative numbers).
+    """
+    student, teacher = _as_list(student_preacts), _as_list(teacher_preacts)
+    margins = _as_list(margins)
+    _check_pairs(student, teacher, "ofd_loss")
+    if len(margins) != len(teacher):
+        raise ValueError(f"ofd_loss needs one margin per pair: {len(margins)} for {len(teacher)}")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    n = len(student)
+    for j, (s, t, m) in enumerate(zip(student, teacher, margins, strict=True)):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"ofd_loss pair {j}: the connected student map {tuple(s.shape)} and the "
+                f"teacher map {tuple(t.shape)} differ in shape"
+            )
+        if m.shape != (t.shape[1],):
+            raise ValueError(
+                f"ofd_loss pair {j}: the margin has shape {tuple(m.shape)}, expected "
+                f"({t.shape[1]},): one per teacher channel"
+            )
+        s, t = s.float(), t.float()
+        target = torch.maximum(t, m.float().view(1, -1, 1, 1))
+        counted = (s > target) | (target > 0)
+        layer = ((s - target).pow(2) * counted).sum() / s.shape[0]
+        total = total + layer / 2.0 ** (n - 1 - j)
+    return total
+
+
+def ctkd_lambda(
+    epoch: int, warmup_epochs: int, lambda_max: float = 1.0, lambda_min: float = 0.0
+) -> float:
+    """CTKD's curriculum of the gradient-reversal strength (Li et al., "Curriculum Temperature
+    for Knowledge Distillation", AAAI 2023, https://arxiv.org/abs/2211.16231)::
+
+        lambda_n = lambda_min + (lambda_max - lambda_min) * (1 + cos((1 + min(n, N) / N) pi)) / 2
+
+    a cosine ramp from ``lambda_min`` at ``n = 0`` to ``lambda_max`` at ``n = N`` and after.
+    (The official code writes it as ``-CosineDecay(max=0, min=-1, loops=N)``, the same values.)
+
+    Args:
+        epoch: ``n``, the epoch count (the official loop counts epochs from 1).
+        warmup_epochs: ``N`` (10 in the official CIFAR script), ``> 0``.
+        lambda_max: The final strength (1).
+        lambda_min: The starting strength (0).
+    """
+    if warmup_epochs <= 0:
+        raise ValueError(f"warmup_epochs must be > 0, got {warmup_epochs}")
+    n = min(max(epoch, 0), warmup_epochs)
+    ramp = (1 + math.cos((1 + n / warmup_epochs) * math.pi)) / 2
+    return lambda_min + (lambda_max - lambda_min) * ramp
+
+
+def ctkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor) -> Tensor:
+    """Hinton's KD term with a learnable temperature (Li et al., "Curriculum Temperature for
+    Knowledge Distillation", AAAI 2023, https://arxiv.org/abs/2211.16231):
+    ``T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch, differentiable
+    in ``T`` as well as in the student logits.
+
+    Args:
+        student_logits: ``[B, K]`` student logits.
+        teacher_logits: ``[B, K]`` teacher logits.
+        temperature: A scalar (or one-element) tensor ``T > 0`` for the whole batch, or
+            ``[B]``/``[B, 1]`` for one temperature per sample.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: do student and teacher have the same "
+            "number of classes?"
+        )
+    batch = student_logits.shape[0]
+    t = temperature.float()
+    if t.numel() == 1:
+        t = t.reshape(1, 1)
+    elif t.numel() == batch:
+        t = t.reshape(batch, 1)
+    else:
+        raise ValueError(
+            f"ctkd_loss needs one temperature or one per sample ({batch}), got shape "
+            f"{tuple(temperature.shape)}"
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+        log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True)
+        return (kl * t.pow(2)).sum() / batch
+
+
+# --- ReviewKD, DarkRank: fused multi-level features, cross-sample rankings -------------
+
+HCL_LEVELS = (4, 2, 1)
+"""Pooled resolutions of ReviewKD's hierarchical context loss (the authors' code)."""
+
+
+def hcl_loss(
+    student_features: Tensor | Sequence[Tensor],
+    teacher_features: Tensor | Sequence[Tensor],
+    levels: Sequence[int] = HCL_LEVELS,
+) -> Tensor:
+    """The hierarchical context loss of Chen et al., "Distilling Knowledge via Knowledge
+    Review" (CVPR 2021), https://arxiv.org/abs/2104.09044.
+
+    For each pair of equally shaped ``[B, C, H, W]`` maps ``(s, t)``: the mean squared error
+    at full resolution (weight 1), plus the mean squared error after adaptive average pooling
+    both to ``l x l`` for each ``l`` in ``levels`` smaller than ``min(H, W)`` (coarser levels
+    of the spatial pyramid), the ``k``-th level used weighing ``2^-k`` (1/2, 1/4, 1/8 when all
+    of 4, 2, 1 apply: a level the map is too small for is skipped, not given weight 0, as in
+    the authors' code). Each pair's weighted sum is divided by the sum of its weights; the
+    result is summed over pairs. A ``1 x 1`` pair (a pooled embedding) is plain MSE.
+
+    Args:
+        student_features: The student's (fused) maps, one per level, or a single map.
+        teacher_features: The teacher's maps, of the same shapes.
+        levels: The pooled sizes, in the order they are weighted (default ``(4, 2, 1)``).
+    """
+    student, teacher = _as_list(student_features), _as_list(teacher_features)
+    _check_pairs(student, teacher, "hcl_loss")
+    with torch.autocast(device_type=student[0].device.type, enabled=False):
+        return _hcl_fp32(student, teacher, levels)
+
+
+def _hcl_fp32(student: list[Tensor], teacher: list[Tensor], levels: Sequence[int]) -> Tensor:
+    total = _zero(student[0])
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"hcl_loss: pair {i} differs in shape: student {tuple(s.shape)}, teacher "
+                f"{tuple(t.shape)} (ReviewKD's fusion modules must map to the teacher's shape)"
+            )
+        s, t = s.float(), t.float()
+        loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for level in levels:
+            if level >= min(s.shape[-2:]):
+                continue
+            weight /= 2
+            pooled = F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            loss = loss + weight * pooled
+            weights += weight
+        total = total + loss / weights
+    return total
+
+
+DARKRANK_TRANSFERS = ("hard", "soft")
+MAX_SOFT_LIST = 8
+"""Longest list the soft transfer enumerates (8! = 40320 permutations per anchor)."""
+
+
+@_fp32
+def darkrank_scores(embeddings: Tensor, alpha: float = 3.0, beta: float = 3.0) -> Tensor:
+    """DarkRank's similarity scores ``S_ij = -alpha * ||x_i - x_j||_2^beta`` of every pair in
+    the batch (Chen, Wang & Zhang, AAAI 2018, https://arxiv.org/abs/1707.01220):
+    ``alpha`` scales, ``beta`` sharpens the contrast between near and far samples.
+
+    Args:
+        embeddings: ``[b, ...]`` embeddings (flattened).
+        alpha: The scaling factor, ``> 0``.
+        beta: The contrast exponent, ``> 0``.
+
+    Returns:
+        ``[b, b]`` scores, 0 on the diagonal.
+    """
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"DarkRank needs alpha > 0 and beta > 0, got {alpha} and {beta}")
+    return -alpha * _distances(_flat(embeddings)).pow(beta)
+
+
+def plackett_luce_log_prob(ordered_scores: Tensor) -> Tensor:
+    """``log P(pi | S)`` of the Plackett-Luce (permutation) model, where ``ordered_scores``
+    holds the scores in the order ``pi`` ranks them (best first) along the last dimension:
+    ``P(pi | S) = prod_j exp(S_pi(j)) / sum_{k >= j} exp(S_pi(k))``.
+    """
+    s = ordered_scores.float()
+    tail_logsumexp = s.flip(-1).logcumsumexp(dim=-1).flip(-1)  # [..., j] = lse_{k >= j} s_k
+    return (s - tail_logsumexp).sum(dim=-1)
+
+
+@_fp32
+def listmle_loss(scores: Tensor, ranking: Tensor) -> Tensor:
+    """ListMLE (Xia et al., ICML 2008): ``-log P(ranking | scores)`` under the Plackett-Luce
+    model (:func:`plackett_luce_log_prob`), averaged over the rows.
+
+    Args:
+        scores: ``[b, n]`` scores of ``n`` items for each of ``b`` queries.
+        ranking: ``[b, L]`` item indices in ranked order (best first), ``L <= n``; the
+            probability is that of this list of ``L`` items alone.
+    """
+    if ranking.dim() != 2 or ranking.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"listmle_loss: ranking {tuple(ranking.shape)} must be [b, L] for scores "
+            f"{tuple(scores.shape)}"
+        )
+    return -plackett_luce_log_prob(scores.float().gather(1, ranking)).mean()
+
+
+@_fp32
+def darkrank_loss(
+    student_embeddings: Tensor,
+    teacher_embeddings: Tensor,
+    alpha: float = 3.0,
+    beta: float = 3.0,
+    transfer: str = "hard",
+    list_length: int | None = 4,
+    normalize: bool = True,
+) -> Tensor:
+    """Chen, Wang & Zhang, "DarkRank: Accelerating Deep Metric Learning via Cross Sample
+    Similarities Transfer" (AAAI 2018), https://arxiv.org/abs/1707.01220.
+
+    Each sample of the batch is a query; the others are ranked by their scores
+    ``S = -alpha ||x_q - x_i||^beta`` (:func:`darkrank_scores`), and a ranking ``pi`` has the
+    Plackett-Luce probability ``P(pi | S) = prod_j exp(S_pi(j)) / sum_{k >= j} exp(S_pi(k))``.
+    The list of each query is the teacher's ``list_length`` nearest other samples (all
+    ``b - 1`` others when ``None``), in the teacher's order.
+
+    Transfers:
+        ``"hard"``: ListMLE, ``-log P(pi_t | S_student)`` of the teacher's ranking
+            ``pi_t`` (the most probable one under the teacher's scores).
+        ``"soft"``: ``KL(P(. | S_teacher) || P(. | S_student))`` over all ``L!``
+            permutations of the list, exactly (so ``L <= 8``).
+
+    Averaged over queries.
+
+    Args:
+        student_embeddings: ``[b, ...]`` student embeddings (flattened).
+        teacher_embeddings: ``[b, ...]`` teacher embeddings; widths may differ.
+        alpha: Score scale.
+        beta: Score contrast exponent.
+        transfer: ``"hard"`` or ``"soft"``.
+        list_length: Items ranked per query, ``>= 2`` (capped at ``b - 1``); ``None``: all.
+        normalize: L2-normalise the embeddings first (distances then lie in ``[0, 2]``).
+    """
+    if transfer not in DARKRANK_TRANSFERS:
+        raise ValueError(f"transfer must be one of {DARKRANK_TRANSFERS}, got {transfer!r}")
+    if list_length is not None and list_length < 2:
+        raise ValueError(f"list_length must be >= 2 (or None for all), got {list_length}")
+    _check_batch(student_embeddings, teacher_embeddings, "darkrank_loss")
+    s, t = _flat(student_embeddings), _flat(teacher_embeddings)
+    b = s.shape[0]
+    length = b - 1 if list_length is None else min(list_length, b - 1)
+    if transfer == "soft" and length > MAX_SOFT_LIST:
+        raise ValueError(
+            f"the soft transfer enumerates all L! permutations of each list, but L={length}: "
+            f"set list_length <= {MAX_SOFT_LIST} or use transfer='hard'"
+        )
+    if b < 3:
+        return _zero(s)  # fewer than two others: every ranking is certain
+    if normalize:
+        s, t = F.normalize(s, p=2, dim=1), F.normalize(t, p=2, dim=1)
+    score_s = darkrank_scores(s, alpha, beta)
+    score_t = darkrank_scores(t, alpha, beta).detach()
+    self_mask = torch.eye(b, dtype=torch.bool, device=s.device)
+    ranking = score_t.masked_fill(self_mask, float("-inf")).argsort(dim=1, descending=True)
+    ranking = ranking[:, :length]  # the query itself sorts last and is never in the list
+    if transfer == "hard":
+        return listmle_loss(score_s, ranking)
+    from itertools import permutations  # only the soft transfer needs it
+
+    perms = torch.tensor(list(permutations(range(length))), dtype=torch.long, device=s.device)
+    listed_s, listed_t = score_s.gather(1, ranking), score_t.gather(1, ranking)  # [b, L]
+    log_p_s = plackett_luce_log_prob(listed_s[:, perms])  # [b, P]
+    log_p_t = plackett_luce_log_prob(listed_t[:, perms])
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
