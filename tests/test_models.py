@@ -27,6 +27,9 @@ AT += "Table 1 (CIFAR-10)"
 # github.com/HobbitLong/RepDistiller models/*.py at 100 classes, counted layer by layer from
 # those definitions (conv weights + conv biases where present + 2 per BN channel + fc).
 RD = "RepDistiller models/*.py at CIFAR-100 (code of Tian et al., ICLR 2020)"
+# Counted by hand (3x3 convs, BN pairs, 1x1 projections): stem 896, stages 131,712,
+# 525,568 and 2,099,712, fc 25,700; 2,783,620 in all.
+BY_HAND_14X4 = "resnet14x4 counted by hand from its layers (no published figure)"
 PUBLISHED: list[tuple[str, int, str, str]] = [
     ("resnet20", 10, "0.27", HE),
     ("resnet32", 10, "0.46", HE),
@@ -40,6 +43,7 @@ PUBLISHED: list[tuple[str, int, str, str]] = [
     ("resnet8", 100, "0.08", RD),
     ("resnet14", 100, "0.18", RD),
     ("resnet8x4", 100, "1.23", RD),
+    ("resnet14x4", 100, "2.78", BY_HAND_14X4),
     ("resnet32x4", 100, "7.43", RD),
     ("resnet50", 100, "23.71", RD),
     ("wrn_40_2", 100, "2.26", RD),

@@ -1,7 +1,9 @@
 """Pipelines: stage specs checked up front, every conf/pipeline preset end to end on tiny data,
 hand-overs of weights between stages, and a pipeline cut between and within stages."""
 
+import csv
 import json
+import logging
 
 import pytest
 import torch
@@ -74,19 +76,96 @@ def test_stages_inherit_the_command_but_not_its_pipeline_keys():
     assert base == ["seed=2", "+x.y=1"]
 
 
+TINY_KEYS = {
+    "takd": ["pipeline.assistants=[resnet8]"],
+    "ban": ["pipeline.generations=2"],
+    "rco": ["pipeline.anchors=2"],
+    "eskd": ["pipeline.teacher_epoch=1", "pipeline.kd_epochs=2"],
+}
+"""Pipeline keys that keep each preset to a few seconds."""
+
+
 @pytest.mark.parametrize("name", PIPELINES)
 def test_every_pipeline_preset_runs_end_to_end(tiny_overrides, tmp_path, name):
-    overrides = tiny_overrides(f"pipeline={name}", "pipeline.init_epochs=1", "epochs=3")
+    extra = TINY_KEYS.get(name, ["pipeline.init_epochs=1"])
+    overrides = tiny_overrides(f"pipeline={name}", *extra, "epochs=3")
     result = run_pipeline(overrides, tmp_path)
     summary = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
-    assert [row["status"] for row in summary] == ["done"] * len(summary) == ["done", "done"]
-    assert summary[1]["init"] == f"stage {summary[0]['stage']} (last)"
+    assert [row["status"] for row in summary] == ["done"] * len(summary)
     for row in summary:
         assert (tmp_path / row["folder"] / "metrics.json").is_file()
-    first = json.loads((tmp_path / summary[0]["folder"] / "metrics.json").read_text())
-    assert first["epochs"] == 1  # the initialisation stage's own length
     assert result["epochs"] == 3
-    assert result["best_val_acc1"] > 0.6, summary  # 4 classes: chance is 0.25
+    # 4 classes: chance is 0.25; chains of 3-epoch models teach weakly, so only "above chance".
+    assert result["best_val_acc1"] > 0.35, summary
+    if name.endswith("_2stage"):
+        assert summary[1]["init"] == f"stage {summary[0]['stage']} (last)"
+        first = json.loads((tmp_path / summary[0]["folder"] / "metrics.json").read_text())
+        assert first["epochs"] == 1  # the initialisation stage's own length
+
+
+def test_builders_write_the_published_chains():
+    from distill_zoo import chains
+
+    cfg = compose(["pipeline=takd", "pipeline.assistants=[resnet56,resnet32]"])
+    takd = chains.build(cfg.pipeline, cfg)
+    assert list(takd) == ["assistant1_resnet56", "assistant2_resnet32", "student"]
+    assert "teacher" not in takd["assistant1_resnet56"]  # the command's teacher
+    assert takd["student"]["teacher"] == "assistant2_resnet32"
+    cfg = compose(
+        [
+            "pipeline=takd",
+            "pipeline.assistants=[resnet56,resnet32]",
+            "pipeline.distillation_path=true",
+        ]
+    )
+    path = chains.build(cfg.pipeline, cfg)
+    assert path["student"]["teacher"] == ["assistant1_resnet56", "assistant2_resnet32"]
+    assert path["student"]["with_command_teacher"] is True
+    cfg = compose(["pipeline=ban", "pipeline.generations=3"])
+    ban = chains.build(cfg.pipeline, cfg)
+    assert list(ban) == ["gen0", "gen1", "gen2", "gen3", "ensemble"]
+    assert [ban[g].get("seed_offset", 0) for g in ban] == [0, 1, 2, 3, 4]
+    assert ban["ensemble"]["teacher"] == ["gen1", "gen2", "gen3"]
+    cfg = compose(["pipeline=rco", "pipeline.anchors=4", "epochs=12", "teacher=resnet56"])
+    rco = chains.build(cfg.pipeline, cfg)
+    assert rco["teacher"]["overrides"][:2] == ["student=resnet56", "distiller=none"]
+    assert rco["student"]["teacher_ckpt"] == ["epoch=2", "epoch=5", "epoch=8", "last"]
+    assert rco["student"]["route_epochs"] == [0, 3, 6, 9]
+    cfg = compose(["pipeline=eskd", "pipeline.teacher_epoch=3", "pipeline.kd_epochs=5"])
+    eskd = chains.build(cfg.pipeline, cfg)
+    assert eskd["student"]["teacher_ckpt"] == "epoch=3"
+    assert "distill_epochs=5" in eskd["student"]["overrides"]
+
+
+def test_eskd_stops_distilling_after_kd_epochs(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        "pipeline=eskd", "pipeline.teacher_epoch=0", "pipeline.kd_epochs=1", "epochs=3"
+    )
+    run_pipeline(overrides, tmp_path)
+    assert (tmp_path / "1_teacher" / "checkpoints" / "epoch-000.ckpt").is_file()
+    rows = list(csv.DictReader((tmp_path / "2_student" / "logs" / "csv" / "metrics.csv").open()))
+    kd = {int(r["epoch"]): r["train/loss_kd"] for r in rows if r.get("train/loss")}
+    assert kd[0] != "" and kd[1] == "" and kd[2] == ""  # KD in epoch 0 only
+
+
+def test_a_student_larger_than_its_teacher_stage_warns(tiny_overrides, tmp_path, caplog):
+    overrides = tiny_overrides(
+        "pipeline=takd", "pipeline.assistants=[resnet8]", "student=resnet20", "epochs=1"
+    )
+    with caplog.at_level(logging.WARNING):
+        pipeline.compose_stages(compose(overrides), overrides)
+    assert "is taught by stage 'assistant1_resnet8', which is smaller" in caplog.text
+
+
+def test_a_stage_whose_init_does_not_fit_names_the_stage(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        "pipeline=fitnets_2stage",
+        "pipeline.init_epochs=1",
+        "epochs=1",
+        'pipeline.stages.train.overrides=["distiller=kd","student=resnet14"]',
+    )
+    with pytest.raises(ValueError, match="pipeline stage 'train'.*does not fit"):
+        run_pipeline(overrides, tmp_path)
 
 
 def test_later_stages_start_from_the_earlier_stage(tiny_overrides, tmp_path):

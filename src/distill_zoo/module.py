@@ -66,6 +66,9 @@ class DistillationModule(L.LightningModule):
         optimizer: Builds the optimizer from parameters (a Hydra ``_partial_`` config).
         scheduler: Builds an epoch-wise learning-rate scheduler, or ``None``.
         num_classes: Classes of the data set, for the accuracy metrics.
+        distill_epochs: Distil only during the first ``distill_epochs`` epochs, then train on
+            the labels alone (cross-entropy, weight 1; Cho & Hariharan's early-stopped KD,
+            ICCV 2019); ``None``: distil throughout.
     """
 
     def __init__(
@@ -76,8 +79,12 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
         num_classes: int,
+        distill_epochs: int | None = None,
     ) -> None:
         super().__init__()
+        if distill_epochs is not None and distill_epochs < 0:
+            raise ValueError(f"distill_epochs must be >= 0 or null, got {distill_epochs}")
+        self.distill_epochs = distill_epochs
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.distiller = distiller
@@ -120,8 +127,21 @@ class DistillationModule(L.LightningModule):
             logits = self.teacher(images)
         return logits, self.teacher_tap.pop()
 
+    def on_train_epoch_start(self) -> None:
+        # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.
+        if hasattr(self.teacher, "set_epoch"):
+            self.teacher.set_epoch(self.current_epoch)
+
+    def _distilling(self) -> bool:
+        return self.distill_epochs is None or self.current_epoch < self.distill_epochs
+
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets, indices = batch
+        if not self._distilling():
+            student_logits = self.student(images)
+            self.student_tap.pop()
+            terms = {"ce": cross_entropy(student_logits, targets)}
+            return self._log_step(terms, student_logits, targets)
         teacher_logits, teacher_features = self._teacher_forward(images)
         student_logits = self.student(images)
         terms = self.distiller(
@@ -136,8 +156,11 @@ class DistillationModule(L.LightningModule):
                 epoch=self.current_epoch,
             )
         )
+        return self._log_step(terms, student_logits, targets)
+
+    def _log_step(self, terms: dict[str, Tensor], student_logits: Tensor, targets: Tensor):
         loss = torch.stack(list(terms.values())).sum()
-        batch_size = images.shape[0]
+        batch_size = targets.shape[0]
         for name, value in terms.items():
             self.log(
                 f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size

@@ -13,10 +13,18 @@ Each stage is composed like a command line: the pipeline command's own overrides
 seed, epochs, ...) followed by the stage's ``overrides``. A stage may take
 
 - ``teacher: <earlier stage>``: that stage's student (its architecture and its
-  ``teacher_ckpt`` checkpoint, ``best`` by default) becomes this stage's teacher;
+  ``teacher_ckpt`` checkpoint: ``best`` by default, ``last``, or ``epoch=N`` from a stage
+  run with ``save_every_n_epochs``) becomes this stage's teacher. A list of stages is an
+  ensemble of their students (``with_command_teacher: true`` adds the command's teacher);
+  a list of ``teacher_ckpt`` with ``route_epochs`` is a route of one stage's checkpoints,
+  each teaching from its start epoch on (RCO);
 - ``init: <earlier stage>``: this stage's student, and every distiller part of the same name
   and shape (a paraphraser, a connector), start from that stage's ``init_ckpt`` checkpoint
-  (``last`` by default: an initialisation stage's validation accuracy says nothing).
+  (``last`` by default: an initialisation stage's validation accuracy says nothing);
+- ``seed_offset: k``: the stage runs with ``seed + k`` (born-again generations differ).
+
+Instead of ``stages``, a pipeline config may name a ``builder`` (``takd``, ``ban``, ``rco``,
+``eskd``; see :mod:`distill_zoo.chains`) that writes the stages from a few keys.
 
 Every stage runs in its own folder below the pipeline's. A finished stage (its
 ``metrics.json`` exists) is skipped when the pipeline runs again with ``resume=true``, and an
@@ -40,7 +48,17 @@ from distill_zoo.config import compose
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "pipeline.json"
-CHECKPOINT_CHOICES = ("best", "last")
+CHECKPOINT_CHOICES = ("best", "last", "epoch=<N>")
+STAGE_KEYS = (
+    "overrides",
+    "teacher",
+    "teacher_ckpt",
+    "route_epochs",
+    "with_command_teacher",
+    "init",
+    "init_ckpt",
+    "seed_offset",
+)
 PIPELINE_ONLY_KEYS = ("pipeline", "resume", "ckpt_path")
 """Overrides of the pipeline command that are not handed on to its stages."""
 
@@ -52,43 +70,91 @@ class Stage:
     name: str
     folder: str
     overrides: list[str] = field(default_factory=list)
-    teacher: str | None = None
-    teacher_ckpt: str = "best"
+    teacher: str | list[str] | None = None
+    teacher_ckpt: str | list[str] = "best"
+    route_epochs: list[int] | None = None
+    with_command_teacher: bool = False
     init: str | None = None
     init_ckpt: str = "last"
+    seed_offset: int = 0
+
+    @property
+    def teachers(self) -> list[str]:
+        """The stages whose students teach this one."""
+        if self.teacher is None:
+            return []
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
 
-def parse_stages(node: DictConfig) -> list[Stage]:
-    """The stages of a ``pipeline`` config node, checked: hand-offs name earlier stages."""
-    stages_node = node.get("stages")
+def parse_stages(node: DictConfig, cfg: DictConfig | None = None) -> list[Stage]:
+    """The stages of a ``pipeline`` config node, checked: hand-offs name earlier stages.
+
+    Args:
+        node: The ``pipeline`` node: ``stages``, or a ``builder`` and its keys.
+        cfg: The whole composed config, which builders read (teacher, epochs).
+    """
+    if node.get("builder"):
+        from distill_zoo import chains
+
+        stages_node = OmegaConf.create(chains.build(node, cfg))
+    else:
+        stages_node = node.get("stages")
     if not stages_node:
-        raise ValueError("the pipeline config has no stages: give `stages: {<name>: {...}}`")
+        raise ValueError(
+            "the pipeline config has no stages: give `stages: {<name>: {...}}` or a builder"
+        )
     stages: list[Stage] = []
     for index, (name, spec) in enumerate(stages_node.items(), start=1):
         spec = OmegaConf.to_container(spec, resolve=True) if spec is not None else {}
-        unknown = set(spec) - {"overrides", "teacher", "teacher_ckpt", "init", "init_ckpt"}
+        unknown = set(spec) - set(STAGE_KEYS)
         if unknown:
             raise ValueError(
                 f"pipeline stage '{name}' has unknown keys {sorted(unknown)}: valid are "
-                "overrides, teacher, teacher_ckpt, init, init_ckpt"
+                f"{', '.join(STAGE_KEYS)}"
             )
         stage = Stage(name=str(name), folder=f"{index}_{name}", **spec)
-        earlier = [s.name for s in stages]
-        for role in ("teacher", "init"):
-            source = getattr(stage, role)
-            if source is not None and source not in earlier:
-                raise ValueError(
-                    f"pipeline stage '{name}' takes its {role} from '{source}', which is not an "
-                    f"earlier stage (earlier stages: {earlier or 'none'})"
-                )
-            choice = getattr(stage, f"{role}_ckpt")
-            if choice not in CHECKPOINT_CHOICES:
-                raise ValueError(
-                    f"pipeline stage '{name}': {role}_ckpt must be one of {CHECKPOINT_CHOICES}, "
-                    f"got {choice!r}"
-                )
+        _check_stage(stage, [s.name for s in stages])
         stages.append(stage)
     return stages
+
+
+def _check_stage(stage: Stage, earlier: list[str]) -> None:
+    for role, sources in (("teacher", stage.teachers), ("init", [stage.init] * bool(stage.init))):
+        for source in sources:
+            if source not in earlier:
+                raise ValueError(
+                    f"pipeline stage '{stage.name}' takes its {role} from '{source}', which is "
+                    f"not an earlier stage (earlier stages: {earlier or 'none'})"
+                )
+    choices = stage.teacher_ckpt if isinstance(stage.teacher_ckpt, list) else [stage.teacher_ckpt]
+    for role, choice in [*(("teacher", c) for c in choices), ("init", stage.init_ckpt)]:
+        if not _valid_choice(choice):
+            raise ValueError(
+                f"pipeline stage '{stage.name}': {role}_ckpt must be one of "
+                f"{CHECKPOINT_CHOICES}, got {choice!r}"
+            )
+    if stage.route_epochs is not None:
+        if len(stage.teachers) != 1 or len(choices) != len(stage.route_epochs):
+            raise ValueError(
+                f"pipeline stage '{stage.name}': a route takes one teacher stage and one "
+                f"teacher_ckpt per route epoch, got teacher={stage.teacher}, "
+                f"teacher_ckpt={stage.teacher_ckpt}, route_epochs={stage.route_epochs}"
+            )
+    elif isinstance(stage.teacher_ckpt, list):
+        raise ValueError(
+            f"pipeline stage '{stage.name}': a list of teacher_ckpt needs route_epochs"
+        )
+    if stage.with_command_teacher and not stage.teachers:
+        raise ValueError(
+            f"pipeline stage '{stage.name}': with_command_teacher adds the command's teacher "
+            "to teacher stages, but the stage names none"
+        )
+
+
+def _valid_choice(choice: str) -> bool:
+    if choice in ("best", "last"):
+        return True
+    return isinstance(choice, str) and choice.startswith("epoch=") and choice[6:].isdigit()
 
 
 def stage_base_overrides(overrides: list[str]) -> list[str]:
@@ -112,14 +178,37 @@ def compose_stages(
         )
     base = stage_base_overrides(overrides)
     composed = []
-    for stage in parse_stages(cfg.pipeline):
+    for stage in parse_stages(cfg.pipeline, cfg):
         stage_overrides = [*base, *stage.overrides]
         try:
             stage_cfg = compose(stage_overrides)
         except Exception as err:
             raise ValueError(f"pipeline stage '{stage.name}' does not compose: {err}") from err
+        if stage.seed_offset:
+            stage_cfg.seed = stage_cfg.seed + stage.seed_offset
         composed.append((stage, stage_cfg, stage_overrides))
+    _warn_about_capacity(composed)
     return composed
+
+
+def _warn_about_capacity(composed: list[tuple[Stage, DictConfig, list[str]]]) -> None:
+    """Warns where a stage's student is larger than a stage that teaches it (a chain in the
+    wrong order); counted on 10 classes and 3 channels, which is enough to compare."""
+    sizes = {
+        stage.name: train.count_parameters(train.build_model(stage_cfg.student, 10, 3))
+        for stage, stage_cfg, _ in composed
+    }
+    for stage, _, _ in composed:
+        for source in stage.teachers:
+            if sizes[stage.name] > sizes[source]:
+                log.warning(
+                    "pipeline stage '%s' (%d parameters) is taught by stage '%s', which is "
+                    "smaller (%d parameters): is the chain in the intended order?",
+                    stage.name,
+                    sizes[stage.name],
+                    source,
+                    sizes[source],
+                )
 
 
 def run(
@@ -155,7 +244,7 @@ def run(
             stage_cfg.resume = (stage_dir / "checkpoints" / "last.ckpt").is_file()
             _record_overrides(stage_dir, stage_overrides)
             log.info("Stage %s (%s) in %s", stage.name, stage_cfg.student.name, stage_dir)
-            metrics = train.run(stage_cfg, stage_dir, callbacks)
+            metrics = _run_stage(stage, stage_cfg, stage_dir, callbacks)
         finished[stage.name] = metrics
         student_of[stage.name] = stage_cfg.student
         rows[stage.name] = _finished_row(stage, stage_cfg, metrics)
@@ -165,11 +254,21 @@ def run(
     return {**finished[composed[-1][0].name], "stages": list(rows.values())}
 
 
+def _run_stage(stage: Stage, stage_cfg: DictConfig, stage_dir: Path, callbacks) -> dict:
+    try:
+        return train.run(stage_cfg, stage_dir, callbacks)
+    except (ValueError, FileNotFoundError) as err:
+        # Name the stage: "does not fit CifarResNet" alone does not say where to look.
+        raise type(err)(f"pipeline stage '{stage.name}' ({stage_dir}): {err}") from err
+
+
 def _train_teacher_on_demand(cfg: DictConfig, stage: Stage, stage_cfg: DictConfig) -> None:
     """Trains (or finds cached) a stage's teacher named without a checkpoint, on the pipeline
     command's recipe, so that every stage sees the same teacher even when a stage changes
     ``epochs`` or ``sched`` for itself (an initialisation stage)."""
-    if stage.teacher or not train.needs_teacher(stage_cfg) or not train.has_teacher(stage_cfg):
+    if stage.teachers and not stage.with_command_teacher:
+        return
+    if not train.needs_teacher(stage_cfg) or not train.has_teacher(stage_cfg):
         return
     if stage_cfg.teacher.get("ckpt"):
         return
@@ -185,21 +284,38 @@ def _hand_over(
     student_of: dict[str, DictConfig],
 ) -> None:
     """Points the stage's teacher and init at the checkpoints of the stages they name."""
-    if stage.teacher:
-        path = _checkpoint(finished[stage.teacher], stage.teacher_ckpt, stage.teacher, stage)
-        teacher = OmegaConf.to_container(student_of[stage.teacher], resolve=True)
-        stage_cfg.teacher = {**teacher, "ckpt": path}
+    if stage.route_epochs is not None:
+        (source,) = stage.teachers
+        teacher = OmegaConf.to_container(student_of[source], resolve=True)
+        paths = [_checkpoint(finished[source], c, source, stage) for c in stage.teacher_ckpt]
+        stage_cfg.teacher = {**teacher, "ckpt": paths, "route_epochs": stage.route_epochs}
+    elif stage.teachers:
+        members = [
+            {
+                **OmegaConf.to_container(student_of[source], resolve=True),
+                "ckpt": _checkpoint(finished[source], stage.teacher_ckpt, source, stage),
+            }
+            for source in stage.teachers
+        ]
+        if stage.with_command_teacher:
+            members.insert(0, OmegaConf.to_container(stage_cfg.teacher, resolve=True))
+        stage_cfg.teacher = members[0] if len(members) == 1 else {"members": members}
     if stage.init:
         stage_cfg.init_from = _checkpoint(finished[stage.init], stage.init_ckpt, stage.init, stage)
 
 
 def _checkpoint(metrics: dict, which: str, source: str, stage: Stage) -> str:
-    path = metrics.get(f"{which}_checkpoint")
+    if which.startswith("epoch="):
+        folder = Path(metrics["last_checkpoint"]).parent
+        path = str(folder / f"epoch-{int(which[6:]):03d}.ckpt")
+        hint = "run it with save_every_n_epochs=1 (and enough epochs)"
+    else:
+        path = metrics.get(f"{which}_checkpoint")
+        hint = "re-run it (delete its metrics.json) or start the pipeline afresh"
     if not path or not Path(path).is_file():
         raise FileNotFoundError(
             f"pipeline stage '{stage.name}' needs the {which} checkpoint of stage '{source}', "
-            f"but {path or 'none'} does not exist: re-run stage '{source}' (delete its "
-            "metrics.json) or start the pipeline afresh"
+            f"but {path or 'none'} does not exist: {hint}"
         )
     return path
 
@@ -212,10 +328,15 @@ def _record_overrides(stage_dir: Path, overrides: list[str]) -> None:
 
 
 def _teacher_label(stage: Stage, stage_cfg: DictConfig) -> str:
-    if stage.teacher:
-        return f"{stage_cfg.teacher.name} (stage {stage.teacher}, {stage.teacher_ckpt})"
     if not train.needs_teacher(stage_cfg):
         return "-"
+    if stage.route_epochs is not None:
+        return f"route of stage {stage.teacher} ({len(stage.route_epochs)} checkpoints)"
+    if stage.teachers:
+        sources = ", ".join(stage.teachers) + (" + teacher" if stage.with_command_teacher else "")
+        if len(stage.teachers) + stage.with_command_teacher > 1:
+            return f"ensemble of stages {sources} ({stage.teacher_ckpt})"
+        return f"{stage_cfg.teacher.name} (stage {stage.teacher}, {stage.teacher_ckpt})"
     ckpt = stage_cfg.teacher.get("ckpt")
     return f"{stage_cfg.teacher.name} ({ckpt or 'trained on demand'})"
 
@@ -227,7 +348,7 @@ def _pending_row(stage: Stage, stage_cfg: DictConfig) -> dict:
         "status": "pending",
         "student": stage_cfg.student.name,
         "distiller": stage_cfg.distiller._target_.rsplit(".", 1)[-1],
-        "teacher": "-" if stage.teacher else _teacher_label(stage, stage_cfg),
+        "teacher": "-" if stage.teachers else _teacher_label(stage, stage_cfg),
         "init": stage.init and f"stage {stage.init} ({stage.init_ckpt})",
     }
 

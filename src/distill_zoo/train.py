@@ -15,12 +15,12 @@ from torch import nn
 
 from distill_zoo import teachers
 from distill_zoo.distillers.base import DistillContext
-from distill_zoo.models.ensemble import TeacherEnsemble
+from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
 from distill_zoo.module import DistillationModule
 
 log = logging.getLogger(__name__)
 
-MODEL_META_KEYS = ("feature_layers", "ckpt")
+MODEL_META_KEYS = ("feature_layers", "ckpt", "route_epochs", "members")
 """Keys of a student/teacher config that describe the model rather than construct it."""
 
 
@@ -36,7 +36,7 @@ def build_model(node: DictConfig, num_classes: int, in_channels: int) -> nn.Modu
 
 def has_teacher(cfg: DictConfig) -> bool:
     """Whether ``cfg`` names a teacher (``teacher=none`` leaves the group empty)."""
-    return bool(cfg.get("teacher")) and "_target_" in cfg.teacher
+    return bool(cfg.get("teacher")) and ("_target_" in cfg.teacher or "members" in cfg.teacher)
 
 
 def needs_teacher(cfg: DictConfig) -> bool:
@@ -45,10 +45,16 @@ def needs_teacher(cfg: DictConfig) -> bool:
 
 
 def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module | None:
-    """The teacher the distiller needs: from ``teacher.ckpt``, or trained once and cached.
+    """The teacher the distiller needs, from ``cfg.teacher``:
 
-    A list of checkpoints (``teacher.ckpt=[a.ckpt,b.ckpt]``) is an ensemble of that
-    architecture (:class:`~distill_zoo.models.ensemble.TeacherEnsemble`).
+    - ``ckpt: <file>``: that checkpoint; ``ckpt: null``: trained once on the run's data and
+      recipe, and cached;
+    - ``ckpt: [a, b, ...]``: an ensemble of that architecture
+      (:class:`~distill_zoo.models.ensemble.TeacherEnsemble`), or, with ``route_epochs``
+      (the student epoch at which each checkpoint starts teaching), a route of checkpoints
+      (:class:`~distill_zoo.models.ensemble.TeacherRoute`, RCO);
+    - ``members: [<teacher config>, ...]``: an ensemble of different architectures, each
+      member a teacher config with its own ``ckpt`` (pipelines build these).
     """
     if not needs_teacher(cfg):
         return None
@@ -57,13 +63,20 @@ def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Mod
             f"distiller {cfg.distiller._target_} needs a teacher, but teacher=none: choose one, "
             "e.g. teacher=resnet56 teacher.ckpt=<file>"
         )
+    if cfg.teacher.get("members"):
+        members = [
+            teachers.load_weights(build_model(node, num_classes, in_channels), node.ckpt)
+            for node in cfg.teacher.members
+        ]
+        return TeacherEnsemble(members)
     ckpt = cfg.teacher.get("ckpt")
     if OmegaConf.is_list(ckpt) or isinstance(ckpt, list):
         members = [
             teachers.load_weights(build_model(cfg.teacher, num_classes, in_channels), path)
             for path in ckpt
         ]
-        return TeacherEnsemble(members)
+        route = cfg.teacher.get("route_epochs")
+        return TeacherRoute(members, list(route)) if route else TeacherEnsemble(members)
     teacher = build_model(cfg.teacher, num_classes, in_channels)
     if ckpt:
         return teachers.load_weights(teacher, ckpt)
@@ -74,24 +87,27 @@ def teacher_stages(cfg: DictConfig, teacher: nn.Module | None) -> list[str]:
     """The teacher's stage layers; an ensemble's are those of its first member."""
     if teacher is None:
         return []
-    stages = list(cfg.teacher.get("feature_layers") or [])
-    if isinstance(teacher, TeacherEnsemble):
+    node = cfg.teacher.members[0] if cfg.teacher.get("members") else cfg.teacher
+    stages = list(node.get("feature_layers") or [])
+    if isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
         return [f"members.0.{name}" for name in stages]
     return stages
 
 
 def check_ensemble_use(teacher: nn.Module | None, distiller: nn.Module) -> None:
-    """An ensemble teacher gives averaged predictions, not features: feature methods fail."""
-    if not isinstance(teacher, TeacherEnsemble):
+    """Ensembles and routes give predictions, not one network's features: feature methods
+    fail; an ensemble averages at the distiller's temperature."""
+    if not isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
         return
     teacher_layers = distiller.layers()[1]
     if teacher_layers:
         raise ValueError(
             f"{type(distiller).__name__} reads teacher features ({teacher_layers}), but an "
-            "ensemble teacher (teacher.ckpt=[...]) only averages predictions: use a logit-based "
-            "distiller (kd, ...) or a single teacher.ckpt"
+            "ensemble or route teacher (teacher.ckpt=[...], teacher.members) only gives "
+            "predictions: use a logit-based distiller (kd, ...) or a single teacher.ckpt"
         )
-    teacher.temperature = distiller.soft_temperature
+    if isinstance(teacher, TeacherEnsemble):
+        teacher.temperature = distiller.soft_temperature
 
 
 def warn_about_schedule(cfg: DictConfig) -> None:
@@ -128,6 +144,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         for node in (cfg.get("logger") or {}).values()
     ]
     extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    if cfg.get("save_every_n_epochs"):
+        # Anchors along the route (RCO) and early-stopped teachers (ESKD) pick these.
+        extra.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="epoch-{epoch:03d}",
+                every_n_epochs=cfg.save_every_n_epochs,
+                save_top_k=-1,
+                auto_insert_metric_name=False,
+            )
+        )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-{epoch:03d}",
@@ -218,6 +245,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         num_classes=num_classes,
+        distill_epochs=cfg.get("distill_epochs"),
     )
     if cfg.get("init_from"):
         initialize_from(module, cfg.init_from)

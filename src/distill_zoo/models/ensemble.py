@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -42,3 +43,40 @@ class TeacherEnsemble(nn.Module):
         t = self.temperature
         mean_log_probs = torch.logsumexp(torch.log_softmax(logits / t, dim=-1), dim=0)
         return t * (mean_log_probs - math.log(len(self.members)))
+
+
+class TeacherRoute(nn.Module):
+    """Checkpoints along a teacher's training route, used one after another (RCO).
+
+    Jin et al., "Knowledge Distillation via Route Constrained Optimization" (ICCV 2019),
+    https://arxiv.org/abs/1904.09149: the student learns from the teacher's intermediate
+    states in training order (easy to hard) rather than from its final state only. Anchor
+    ``i`` teaches from student epoch ``start_epochs[i]`` until the next anchor starts; the
+    module calls :meth:`set_epoch` at the start of every epoch.
+
+    Args:
+        anchors: The teacher at each anchor checkpoint, in route order.
+        start_epochs: First student epoch of each anchor (increasing, the first 0).
+    """
+
+    def __init__(self, anchors: list[nn.Module], start_epochs: list[int]) -> None:
+        super().__init__()
+        if len(anchors) != len(start_epochs) or not anchors:
+            raise ValueError(
+                f"a route needs one start epoch per anchor: {len(anchors)} anchors, "
+                f"start epochs {list(start_epochs)}"
+            )
+        if start_epochs[0] != 0 or any(b <= a for a, b in itertools.pairwise(start_epochs)):
+            raise ValueError(
+                f"route start epochs must begin at 0 and increase, got {list(start_epochs)}"
+            )
+        self.members = nn.ModuleList(anchors)
+        self.start_epochs = list(start_epochs)
+        self.active = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the anchor that teaches at student epoch ``epoch``."""
+        self.active = max(i for i, start in enumerate(self.start_epochs) if start <= epoch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.members[self.active](x)

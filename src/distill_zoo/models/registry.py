@@ -17,6 +17,7 @@ _ZOO: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet56": resnet.resnet56,
     "resnet110": resnet.resnet110,
     "resnet8x4": resnet.resnet8x4,
+    "resnet14x4": resnet.resnet14x4,
     "resnet32x4": resnet.resnet32x4,
     "resnet50": resnet50.resnet50,
     "wrn_16_1": wrn.wrn_16_1,

@@ -143,6 +143,12 @@ def resnet8x4(num_classes: int = 100, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(8, _X4, num_classes, in_channels)
 
 
+def resnet14x4(num_classes: int = 100, in_channels: int = 3) -> CifarResNet:
+    """ResNet-14 with 4x wider stages: a teacher assistant between resnet32x4 and resnet8x4
+    (TAKD's chains)."""
+    return CifarResNet(14, _X4, num_classes, in_channels)
+
+
 def resnet32x4(num_classes: int = 100, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 with 4x wider stages (CRD's teacher), 7.43M parameters at 100 classes."""
     return CifarResNet(32, _X4, num_classes, in_channels)
