@@ -86,3 +86,27 @@ def test_runs_started_from_code_are_grouped_by_their_config_differences(tmp_path
         ("distiller.temperature=4", 2),
     ]
     assert rows[1]["best val top-1"].startswith("72.00 +- ")
+
+
+def test_pipeline_stages_are_grouped_by_stage_across_seeds(tmp_path, capsys):
+    for seed, accs in ((0, (0.50, 0.70)), (1, (0.60, 0.80))):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text("seed: 0\n")
+        (folder / "pipeline.json").write_text(
+            json.dumps({"stages": [{"status": "done"}, {"status": "done"}]})
+        )
+        # Generations of born-again networks share their overrides: only the stage differs.
+        for i, acc in enumerate(accs, start=1):
+            make_run(
+                folder, f"{i}_gen{i}", ["pipeline=ban", f"seed={seed}"], {"best_val_acc1": acc}
+            )
+    rows, unfinished, common = summarise(tmp_path)
+    assert unfinished == []  # the pipeline folders themselves are not runs
+    assert common == ["pipeline=ban"]
+    assert [(r["overrides"], r["runs"], r["best val top-1"]) for r in rows] == [
+        ("stage=1_gen1", 2, f"55.00 +- {statistics.stdev([50.0, 60.0]):.2f}"),
+        ("stage=2_gen2", 2, f"75.00 +- {statistics.stdev([70.0, 80.0]):.2f}"),
+    ]
+    main([str(tmp_path)])
+    assert f"pipeline {tmp_path / 'seed0'}: 2 of 2 stages done" in capsys.readouterr().out

@@ -3,7 +3,9 @@
 Finds every run folder below the given one (a folder with ``config.yaml``), groups the runs
 by their command-line overrides without ``seed``, and prints mean +- std over seeds of the
 metrics in each run's ``metrics.json``. Runs without ``metrics.json`` (still running, or
-crashed) are listed as unfinished, never dropped.
+crashed) are listed as unfinished, never dropped. Pipeline folders (``pipeline.json``) are
+not runs themselves: each of their stages is grouped as ``stage=<i>_<name>`` plus the
+stage's overrides, so a sweep over pipeline seeds averages each stage over the seeds.
 """
 
 from __future__ import annotations
@@ -26,11 +28,28 @@ COLUMNS = {
 IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root", "teacher_store")
 
 
+PIPELINE_SUMMARY = "pipeline.json"
+
+
 def find_runs(root: Path) -> list[Path]:
-    """Run folders below ``root`` (itself included), in path order."""
+    """Run folders below ``root`` (itself included), in path order; pipeline folders are
+    left out (their stages are runs)."""
     return sorted(
-        p.parent for p in root.rglob("config.yaml") if not {".hydra", "checkpoints"} & set(p.parts)
+        p.parent
+        for p in root.rglob("config.yaml")
+        if not {".hydra", "checkpoints"} & set(p.parts)
+        and not (p.parent / PIPELINE_SUMMARY).is_file()
     )
+
+
+def find_pipelines(root: Path) -> list[Path]:
+    """Pipeline folders below ``root`` (itself included)."""
+    return sorted(p.parent for p in root.rglob(PIPELINE_SUMMARY))
+
+
+def stage_of(run: Path) -> list[str]:
+    """``["stage=<folder>"]`` for a stage of a pipeline, else ``[]``."""
+    return [f"stage={run.name}"] if (run.parent / PIPELINE_SUMMARY).is_file() else []
 
 
 def _flatten(node, prefix: str = "") -> dict[str, str]:
@@ -83,7 +102,7 @@ def summarise(root: Path) -> tuple[list[dict], list[Path], list[str]]:
         if not metrics_file.is_file():
             unfinished.append(run)
             continue
-        overrides = overrides_of(run, fallback=differences[run])
+        overrides = stage_of(run) + overrides_of(run, fallback=differences[run])
         groups[tuple(overrides)].append(json.loads(metrics_file.read_text()))
     common = sorted(set.intersection(*map(set, groups))) if len(groups) > 1 else []
     rows = []
@@ -118,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(rows))
     for run in unfinished:
         print(f"unfinished (no metrics.json: still running or crashed): {run}")
+    for folder in find_pipelines(args.directory):
+        stages = json.loads((folder / PIPELINE_SUMMARY).read_text())["stages"]
+        done = sum(row["status"] == "done" for row in stages)
+        print(f"pipeline {folder}: {done} of {len(stages)} stages done")
 
 
 if __name__ == "__main__":
