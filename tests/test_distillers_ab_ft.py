@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import distill_step as step
+from helpers import has_grad
 
 from distill_zoo.distillers.ab import AB
-from distill_zoo.distillers.base import DistillContext, StepOutputs
+from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.ft import FT
 from distill_zoo.distillers.layers import preactivation
 from distill_zoo.features import FeatureTap
@@ -117,38 +119,6 @@ def pair():
         num_classes=10,
     )
     return student, teacher, context
-
-
-def step(distiller, student, teacher) -> dict[str, torch.Tensor]:
-    """One training step's loss terms, backpropagated."""
-    s_layers, t_layers = distiller.layers()
-    s_tap, t_tap = FeatureTap(student, s_layers), FeatureTap(teacher, t_layers)
-    try:
-        images = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student.zero_grad()
-        distiller.zero_grad()
-        terms = distiller(
-            StepOutputs(
-                images=images,
-                targets=torch.tensor([1, 3, 0, 2]),
-                indices=torch.arange(4),
-                student_logits=student(images),
-                teacher_logits=teacher_logits,
-                student_features=s_tap.pop(),
-                teacher_features=t_tap.pop(),
-            )
-        )
-        torch.stack(list(terms.values())).sum().backward()
-        return terms
-    finally:
-        s_tap.remove()
-        t_tap.remove()
-
-
-def has_grad(module: torch.nn.Module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def test_ab_reads_preactivations_through_connectors(pair):

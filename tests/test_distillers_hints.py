@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import distill_step as run_step
 from omegaconf import OmegaConf
 
 from distill_zoo.distillers.at import AT
-from distill_zoo.distillers.base import DistillContext, StepOutputs
+from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.fitnets import FitNets, HintRegressor
 from distill_zoo.distillers.fsp import FSP
 from distill_zoo.distillers.nst import NST
-from distill_zoo.features import FeatureTap
 from distill_zoo.losses import (
     at_loss,
     attention_map,
@@ -250,33 +250,6 @@ def pair():
         num_classes=10,
     )
     return student, teacher, context
-
-
-def run_step(distiller, student, teacher, batch: int = 2) -> dict[str, torch.Tensor]:
-    """One training step's loss terms, backpropagated."""
-    s_layers, t_layers = distiller.layers()
-    s_tap, t_tap = FeatureTap(student, s_layers), FeatureTap(teacher, t_layers)
-    try:
-        images, targets = torch.randn(batch, 3, 32, 32), torch.tensor([1, 3])
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student.zero_grad()
-        distiller.zero_grad()
-        out = StepOutputs(
-            images=images,
-            targets=targets,
-            indices=torch.arange(batch),
-            student_logits=student(images),
-            teacher_logits=teacher_logits,
-            student_features=s_tap.pop(),
-            teacher_features=t_tap.pop(),
-        )
-        terms = distiller(out)
-        torch.stack(list(terms.values())).sum().backward()
-        return terms
-    finally:
-        s_tap.remove()
-        t_tap.remove()
 
 
 def assert_trains(terms, student, distiller) -> None:

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from helpers import distill_step as step
+from helpers import has_grad
 
 from distill_zoo import train
 from distill_zoo.distillers.base import StepOutputs
@@ -298,32 +300,6 @@ def test_logit_losses_run_in_fp32_under_bf16_autocast(loss):
 def pair():
     torch.manual_seed(0)
     return create_model("resnet8", 10), create_model("resnet14", 10).eval()
-
-
-def step(distiller, student, teacher, epoch: int = 0) -> dict[str, torch.Tensor]:
-    """One training step's loss terms, backpropagated."""
-    images = torch.randn(4, 3, 32, 32)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-    student.zero_grad()
-    terms = distiller(
-        StepOutputs(
-            images=images,
-            targets=torch.tensor([1, 3, 0, 2]),
-            indices=torch.arange(4),
-            student_logits=student(images),
-            teacher_logits=teacher_logits,
-            epoch=epoch,
-        )
-    )
-    torch.stack(list(terms.values())).sum().backward()
-    return terms
-
-
-def has_grad(module: torch.nn.Module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import distill_step as step
+from helpers import has_grad
 
 from distill_zoo.distillers.base import DistillContext, StepOutputs
 from distill_zoo.distillers.ctkd import CTKD, reverse_gradient
 from distill_zoo.distillers.ofd import OFD, leaf_calls, preactivation_and_bn
-from distill_zoo.features import FeatureTap
 from distill_zoo.losses import ctkd_lambda, ctkd_loss, kd_loss, ofd_loss, ofd_margin
 from distill_zoo.models import create_model
 
@@ -157,39 +158,6 @@ def test_ctkd_loss_by_hand():
 
 
 # ---------------------------------------------------------------- distillers on zoo pairs
-
-
-def step(distiller, student, teacher, epoch: int = 0) -> dict[str, torch.Tensor]:
-    """One training step's loss terms, backpropagated."""
-    s_layers, t_layers = distiller.layers()
-    s_tap, t_tap = FeatureTap(student, s_layers), FeatureTap(teacher, t_layers)
-    try:
-        images = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student.zero_grad()
-        distiller.zero_grad()
-        terms = distiller(
-            StepOutputs(
-                images=images,
-                targets=torch.tensor([1, 3, 0, 2]),
-                indices=torch.arange(4),
-                student_logits=student(images),
-                teacher_logits=teacher_logits,
-                student_features=s_tap.pop(),
-                teacher_features=t_tap.pop(),
-                epoch=epoch,
-            )
-        )
-        torch.stack(list(terms.values())).sum().backward()
-        return terms
-    finally:
-        s_tap.remove()
-        t_tap.remove()
-
-
-def has_grad(module: torch.nn.Module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def context_for(student_stages, teacher_stages) -> DistillContext:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import distill_step as step
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -241,35 +242,6 @@ def make_pair(teacher_name: str, student_name: str, size: int = 32):
         num_classes=10,
     )
     return student, teacher, context
-
-
-def step(distiller, student, teacher, batch: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
-    """One training step as DistillationModule runs it; returns the terms after backward."""
-    s_layers, t_layers = distiller.layers()
-    s_tap, t_tap = FeatureTap(student, s_layers), FeatureTap(teacher, t_layers)
-    try:
-        images = torch.randn(batch, 3, size, size)
-        teacher.eval()
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student.train()
-        student_logits = student(images)
-        terms = distiller(
-            StepOutputs(
-                images=images,
-                targets=torch.arange(batch) % 10,
-                indices=torch.arange(batch),
-                student_logits=student_logits,
-                teacher_logits=teacher_logits,
-                student_features=s_tap.pop(),
-                teacher_features=t_tap.pop(),
-            )
-        )
-        torch.stack(list(terms.values())).sum().backward()
-        return terms
-    finally:
-        s_tap.remove()
-        t_tap.remove()
 
 
 def grads_flow(module: nn.Module) -> bool:

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import distill_step as step
+from helpers import has_grad
 
-from distill_zoo.distillers.base import DistillContext, StepOutputs
+from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.darkrank import DarkRank
 from distill_zoo.distillers.reviewkd import ABF, ReviewKD
-from distill_zoo.features import FeatureTap
 from distill_zoo.losses import (
     darkrank_loss,
     darkrank_scores,
@@ -240,39 +241,6 @@ def make_pair(teacher_arch: str, student_arch: str):
         num_classes=10,
     )
     return student, teacher, context
-
-
-def step(distiller, student, teacher, epoch: int = 0, batch: int = 8) -> dict[str, torch.Tensor]:
-    """One training step's loss terms on a random batch, backpropagated."""
-    s_layers, t_layers = distiller.layers()
-    s_tap, t_tap = FeatureTap(student, s_layers), FeatureTap(teacher, t_layers)
-    try:
-        images = torch.randn(batch, 3, 32, 32)
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student.zero_grad()
-        distiller.zero_grad()
-        terms = distiller(
-            StepOutputs(
-                images=images,
-                targets=torch.arange(batch) % 10,
-                indices=torch.arange(batch),
-                student_logits=student(images),
-                teacher_logits=teacher_logits,
-                student_features=s_tap.pop(),
-                teacher_features=t_tap.pop(),
-                epoch=epoch,
-            )
-        )
-        torch.stack(list(terms.values())).sum().backward()
-        return terms
-    finally:
-        s_tap.remove()
-        t_tap.remove()
-
-
-def has_grad(module: torch.nn.Module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

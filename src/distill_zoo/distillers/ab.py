@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.connectors import ConvConnector
 from distill_zoo.distillers.layers import LayerChoice, pair_stages, preactivation, probe_maps
-from distill_zoo.losses import FORMULATIONS, ab_loss
+from distill_zoo.losses import ab_loss
+from distill_zoo.losses.common import check_formulation
 
 
 class AB(Distiller):
@@ -69,8 +70,7 @@ class AB(Distiller):
             kd_weight=kd_weight,
             kd_temperature=kd_temperature,
         )
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        check_formulation(formulation)
         if margin <= 0:
             raise ValueError(f"the AB margin must be > 0, got {margin}")
         if self.context.example_input is None:

@@ -10,7 +10,8 @@ from distill_zoo.distillers.base import (
     StepOutputs,
 )
 from distill_zoo.distillers.layers import LayerChoice, pair_stages, probe_maps
-from distill_zoo.losses import FORMULATIONS, at_loss
+from distill_zoo.losses import at_loss
+from distill_zoo.losses.common import check_formulation
 
 
 class AT(Distiller):
@@ -69,8 +70,7 @@ class AT(Distiller):
             kd_weight=kd_weight,
             kd_temperature=kd_temperature,
         )
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        check_formulation(formulation)
         if p <= 0:
             raise ValueError(f"the attention exponent p must be > 0, got {p}")
         self.weight = weight

@@ -15,7 +15,8 @@ from distill_zoo.distillers.base import (
 from distill_zoo.distillers.connectors import shape_mismatch
 from distill_zoo.distillers.layers import LayerChoice, as_choice
 from distill_zoo.features import check_layers
-from distill_zoo.losses import FORMULATIONS, hint_loss
+from distill_zoo.losses import hint_loss
+from distill_zoo.losses.common import check_formulation
 
 
 class HintRegressor(nn.Module):
@@ -125,8 +126,7 @@ class FitNets(Distiller):
             kd_weight=kd_weight,
             kd_temperature=kd_temperature,
         )
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        check_formulation(formulation)
         self.weight = weight
         self.formulation = formulation
         self.hint_only = hint_only

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.connectors import ConvConnector, shape_mismatch
 from distill_zoo.distillers.layers import LayerChoice, pair_stages, probe_maps
-from distill_zoo.losses import FORMULATIONS, fsp_loss
+from distill_zoo.losses import fsp_loss
+from distill_zoo.losses.common import check_formulation
 
 
 class FSP(Distiller):
@@ -80,8 +81,7 @@ class FSP(Distiller):
             kd_weight=kd_weight,
             kd_temperature=kd_temperature,
         )
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        check_formulation(formulation)
         self.weight = weight
         self.formulation = formulation
         self.fsp_only = fsp_only

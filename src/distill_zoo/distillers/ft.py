@@ -16,7 +16,8 @@ from distill_zoo.distillers.base import (
 )
 from distill_zoo.distillers.layers import LayerChoice, as_choice, probe_maps
 from distill_zoo.features import check_layers
-from distill_zoo.losses import FORMULATIONS, ft_loss
+from distill_zoo.losses import ft_loss
+from distill_zoo.losses.common import check_formulation
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class FT(Distiller):
         )
         if mode not in FT_MODES:
             raise ValueError(f"FT mode must be one of {FT_MODES}, got {mode!r}")
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        check_formulation(formulation)
         if not 0 < rate <= 4:
             raise ValueError(f"the paraphrase rate must lie in (0, 4], got {rate}")
         if self.context.example_input is None:

@@ -1,0 +1,60 @@
+"""Helpers shared by the distiller tests (``pythonpath`` in pyproject.toml makes them
+importable as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill_zoo.distillers.base import StepOutputs
+from distill_zoo.features import FeatureTap
+
+
+def distill_step(
+    distiller: nn.Module,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    *,
+    batch: int = 4,
+    size: int = 32,
+    epoch: int = 0,
+) -> dict[str, torch.Tensor]:
+    """One training step as DistillationModule runs it, on a random batch (labels
+    ``0, 1, 2, ...``): teacher in eval mode without gradients, the requested layers tapped,
+    the terms summed and backpropagated. Returns the terms."""
+    s_layers, t_layers = distiller.layers()
+    s_tap = FeatureTap(student, s_layers)
+    t_tap = FeatureTap(teacher, t_layers) if teacher is not None else None
+    try:
+        images = torch.randn(batch, 3, size, size)
+        teacher_logits = None
+        if teacher is not None:
+            teacher.eval()
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+        student.train()
+        student.zero_grad()
+        distiller.zero_grad()
+        terms = distiller(
+            StepOutputs(
+                images=images,
+                targets=torch.arange(batch) % 4,
+                indices=torch.arange(batch),
+                student_logits=student(images),
+                teacher_logits=teacher_logits,
+                student_features=s_tap.pop(),
+                teacher_features=t_tap.pop() if t_tap else {},
+                epoch=epoch,
+            )
+        )
+        torch.stack(list(terms.values())).sum().backward()
+        return terms
+    finally:
+        s_tap.remove()
+        if t_tap:
+            t_tap.remove()
+
+
+def has_grad(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` received a non-zero gradient."""
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
