@@ -285,3 +285,16 @@ def test_ctkd_bad_options():
         CTKD(None, torch.nn.Identity(), warmup_epochs=0)
     with pytest.raises(ValueError, match="lambda_min"):
         CTKD(None, torch.nn.Identity(), lambda_min=1.0, lambda_max=0.5)
+
+
+def test_ctkd_logs_its_learned_temperature(tiny_config, tmp_path):
+    import csv
+
+    from distill_zoo import train
+
+    train.run(tiny_config("distiller=ctkd"), tmp_path)
+    rows = list(csv.DictReader((tmp_path / "logs" / "csv" / "metrics.csv").open()))
+    temperatures = [
+        float(r["train/ctkd_temperature"]) for r in rows if r["train/ctkd_temperature"]
+    ]
+    assert len(temperatures) == 2 and all(1 < t < 21 for t in temperatures)

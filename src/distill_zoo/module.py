@@ -127,6 +127,10 @@ class DistillationModule(L.LightningModule):
             logits = self.teacher(images)
         return logits, self.teacher_tap.pop()
 
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.distiller.monitored().items():
+            self.log(f"train/{name}", value)
+
     def on_train_epoch_start(self) -> None:
         # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.
         if hasattr(self.teacher, "set_epoch"):

@@ -114,6 +114,11 @@ class Distiller(nn.Module):
         """Named loss terms, each already multiplied by its weight; the module sums them."""
         raise NotImplementedError
 
+    def monitored(self) -> dict[str, Tensor]:
+        """Values worth watching that are not loss terms (a learned temperature); the module
+        logs each as ``train/<name>`` once per epoch. None by default."""
+        return {}
+
     def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
         """The weighted hard-label cross-entropy term, omitted when its weight is 0."""
         if self.ce_weight == 0:

@@ -114,6 +114,10 @@ class CTKD(Distiller):
         raw = reverse_gradient(self.raw_temperature, strength)
         return self.t_start + self.t_range * torch.sigmoid(raw)
 
+    def monitored(self) -> dict[str, Tensor]:
+        """The learned temperature, logged as ``train/ctkd_temperature``."""
+        return {"ctkd_temperature": self.temperature().detach().squeeze()}
+
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
         temperature = self.temperature(self.reversal_strength(out.epoch))
