@@ -3,20 +3,25 @@
 import pytest
 import torch
 
-from distill_zoo.config import compose
+from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers import DistillContext, StepOutputs
 from distill_zoo.features import FeatureTap
 from distill_zoo.train import build_model
 
-METHODS = ["kd", "fitnets", "at", "sp", "rkd", "crd", "vid"]
+METHODS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+SMALL = {
+    "crd": ["distiller.num_negatives=4"],
+    "crd_kd": ["distiller.num_negatives=4"],
+    "fsp": ["distiller.connector=true"],  # resnet18's widths are not resnet8's
+}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_torchvision_teacher_and_zoo_student(method):
     from hydra.utils import instantiate
 
-    tiny_bank = ["distiller.num_negatives=4"] if method == "crd" else []
-    cfg = compose([f"distiller={method}", "teacher=torchvision", "student=resnet8", *tiny_bank])
+    extra = SMALL.get(method, [])
+    cfg = compose([f"distiller={method}", "teacher=torchvision", "student=resnet8", *extra])
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher, num_classes=10, in_channels=3).eval()
     student = build_model(cfg.student, num_classes=10, in_channels=3)
