@@ -350,3 +350,22 @@ def test_bad_layer_names_and_impossible_pairings_fail_at_construction(pair):
         FSP(student, teacher, context=context, connector=True, student_layers="last")
     with pytest.raises(ValueError, match="formulation"):
         AT(student, teacher, context=context, formulation="other")
+
+
+def test_layer_pairing_rules():
+    from distill_zoo.distillers.layers import pair_layers
+
+    context = DistillContext(student_stages=["a", "b", "c"], teacher_stages=["w", "x", "y", "z"])
+
+    def pair(s, t):
+        return pair_layers(context, s, t, "all", "AT")
+
+    assert pair(None, None) == (["a", "b", "c"], ["x", "y", "z"])  # the last k of each
+    assert pair("all", None) == (["a", "b", "c"], ["x", "y", "z"])
+    assert pair(["b", "c"], None) == (["b", "c"], ["y", "z"])  # default side: its deepest
+    assert pair(None, [0, 1]) == (["b", "c"], ["w", "x"])
+    assert pair(1, "last") == (["b"], ["z"])
+    with pytest.raises(ValueError, match=r"AT pairs .* 2 student layers .* 1 teacher"):
+        pair(["a", "b"], ["w"])
+    with pytest.raises(ValueError, match="lists of equal length"):
+        pair("all", ["w", "x"])

@@ -80,7 +80,7 @@ class AB(Distiller):
         self.formulation = formulation
         self.ab_only = ab_only
         stages_s, stages_t = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="AB"
         )
         example = self.context.example_input
         self.student_layers = [preactivation(student, name, example) for name in stages_s]

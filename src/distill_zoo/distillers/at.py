@@ -77,7 +77,7 @@ class AT(Distiller):
         self.p = p
         self.formulation = formulation
         self.student_layers, self.teacher_layers = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="AT"
         )
         probe_maps(student, self.student_layers, self.context, "AT")
         probe_maps(teacher, self.teacher_layers, self.context, "AT")

@@ -86,7 +86,7 @@ class FSP(Distiller):
         self.formulation = formulation
         self.fsp_only = fsp_only
         self.student_layers, self.teacher_layers = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="FSP"
         )
         if len(self.student_layers) < 2:
             raise ValueError(

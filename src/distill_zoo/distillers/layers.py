@@ -24,6 +24,46 @@ def as_choice(choice: LayerChoice | Sequence) -> LayerChoice:
     return list(choice)
 
 
+def pair_layers(
+    context: DistillContext,
+    student_layers: LayerChoice | Sequence,
+    teacher_layers: LayerChoice | Sequence,
+    default: str | int,
+    method: str,
+) -> tuple[list[str], list[str]]:
+    """Student and teacher layer names paired one to one, from the portable choices.
+
+    Each side is picked with :func:`select_layers`. Where both sides are "all stages"
+    (``"all"`` or the default) and the counts differ (e.g. 3 stages against 4), the last
+    ``k = min(n_s, n_t)`` of each are paired, in order; where one side is chosen and the
+    other left at its default, the default side gives its last layers, as many as chosen.
+    Two explicit choices must have equal counts: nothing is dropped silently.
+
+    Raises:
+        ValueError: choices of unequal length, an index outside the stages, or a
+            portable choice on a model without ``feature_layers``.
+    """
+    s_choice, t_choice = as_choice(student_layers), as_choice(teacher_layers)
+    s = select_layers(context.student_stages, s_choice, default)
+    t = select_layers(context.teacher_stages, t_choice, default)
+    if len(s) == len(t):
+        return s, t
+    s_auto, t_auto = s_choice in (None, "all"), t_choice in (None, "all")
+    if s_auto and t_auto:
+        k = min(len(s), len(t))
+        return s[len(s) - k :], t[len(t) - k :]
+    # One side chosen, the other left to its default: the default side's deepest layers.
+    if s_choice is None and len(s) > len(t):
+        return s[len(s) - len(t) :], t
+    if t_choice is None and len(t) > len(s):
+        return s, t[len(t) - len(s) :]
+    raise ValueError(
+        f"{method} pairs student and teacher layers one to one, but got {len(s)} student "
+        f"layers {s} and {len(t)} teacher layers {t}: set student_layers/teacher_layers "
+        "to lists of equal length"
+    )
+
+
 def pair_stages(
     student: nn.Module,
     teacher: nn.Module,
@@ -31,19 +71,14 @@ def pair_stages(
     student_layers: LayerChoice,
     teacher_layers: LayerChoice,
     default: str | int = "all",
+    method: str = "this method",
 ) -> tuple[list[str], list[str]]:
-    """Student and teacher layers matched one to one, checked to exist in the models.
-
-    Each side is picked with :func:`select_layers`; where the counts differ (e.g. 3 stages
-    against 4) the last ``k = min(n_s, n_t)`` of each are paired, in order.
+    """:func:`pair_layers`, checked to exist in the models.
 
     Raises:
-        ValueError: an unknown layer name or a stage index out of range.
+        ValueError: as :func:`pair_layers`, or an unknown layer name (listing valid ones).
     """
-    s = select_layers(context.student_stages, as_choice(student_layers), default)
-    t = select_layers(context.teacher_stages, as_choice(teacher_layers), default)
-    k = min(len(s), len(t))
-    s, t = s[len(s) - k :], t[len(t) - k :]
+    s, t = pair_layers(context, student_layers, teacher_layers, default, method)
     check_layers(student, s, role="student")
     check_layers(teacher, t, role="teacher")
     return s, t
@@ -191,10 +226,8 @@ def layer_pairs(
 ) -> tuple[list[str], list[str]]:
     """Student and teacher layers, paired in order, from the portable choices.
 
-    Besides :func:`select_layers`' forms, ``"penultimate"`` names the classifier's input
-    (:func:`penultimate_layer`). With ``default="all"`` and both choices left ``None``, models
-    with different numbers of stages are paired from their last stage backwards (the last
-    ``min(n_s, n_t)`` stages of each).
+    Paired by :func:`pair_layers`; besides :func:`select_layers`' forms, ``"penultimate"``
+    names the classifier's input (:func:`penultimate_layer`).
 
     Raises:
         ValueError: no example input in ``context``, unequal numbers of layers, an index
@@ -205,18 +238,7 @@ def layer_pairs(
             f"{method} needs context.example_input (a batch of the data's shape) to find the "
             "feature shapes of its layers"
         )
-    s_choice, t_choice = as_choice(student_layers), as_choice(teacher_layers)
-    s = select_layers(context.student_stages, s_choice, default)
-    t = select_layers(context.teacher_stages, t_choice, default)
-    if default == "all" and s_choice is None and t_choice is None:
-        k = min(len(s), len(t))
-        s, t = s[len(s) - k :], t[len(t) - k :]
-    if len(s) != len(t):
-        raise ValueError(
-            f"{method} pairs student and teacher layers one to one, but got {len(s)} student "
-            f"layers {s} and {len(t)} teacher layers {t}: set student_layers/teacher_layers "
-            "to lists of equal length"
-        )
+    s, t = pair_layers(context, student_layers, teacher_layers, default, method)
 
     def resolve(model: nn.Module, names: list[str], role: str) -> list[str]:
         return [

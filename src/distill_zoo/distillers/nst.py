@@ -68,7 +68,7 @@ class NST(Distiller):
         self.degree = int(degree)
         self.c = c
         self.student_layers, self.teacher_layers = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="NST"
         )
         probe_maps(student, self.student_layers, self.context, "NST")
         probe_maps(teacher, self.teacher_layers, self.context, "NST")

@@ -171,7 +171,7 @@ class OFD(Distiller):
             raise ValueError("OFD needs context.example_input to find its layers and margins")
         self.weight = weight
         stages_s, stages_t = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="OFD"
         )
         example = self.context.example_input
         s_calls, t_calls = leaf_calls(student, example), leaf_calls(teacher, example)

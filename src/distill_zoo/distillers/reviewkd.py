@@ -180,7 +180,7 @@ class ReviewKD(Distiller):
         self.warmup_epochs = warmup_epochs
         example = self.context.example_input
         stages_s, stages_t = pair_stages(
-            student, teacher, self.context, student_layers, teacher_layers
+            student, teacher, self.context, student_layers, teacher_layers, method="ReviewKD"
         )
         if student_preact:
             stages_s = [preactivation(student, name, example) for name in stages_s]
