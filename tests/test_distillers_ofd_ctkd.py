@@ -11,7 +11,8 @@ from helpers import has_grad
 
 from distill_zoo.distillers.base import DistillContext, StepOutputs
 from distill_zoo.distillers.ctkd import CTKD, reverse_gradient
-from distill_zoo.distillers.ofd import OFD, leaf_calls, preactivation_and_bn
+from distill_zoo.distillers.layers import leaf_calls
+from distill_zoo.distillers.ofd import OFD, preactivation_and_bn
 from distill_zoo.losses import ctkd_lambda, ctkd_loss, kd_loss, ofd_loss, ofd_margin
 from distill_zoo.models import create_model
 

@@ -180,26 +180,14 @@ def penultimate_layer(model: nn.Module, example_input: Tensor, role: str = "mode
     )
 
 
-def preactivation(model: nn.Module, name: str, example_input: Tensor) -> str:
-    """The tap name of layer ``name``'s output before its final ReLU.
-
-    One dry forward pass records which leaf modules run inside ``name``: if the last one is
-    an ``nn.ReLU`` (a CIFAR ResNet block's ``relu2``, a VGG block's ReLU), the answer is that
-    ReLU's input (``layer3.2.relu2:input``); otherwise the layer's output already is
-    un-rectified (pre-activation WRN groups, MobileNetV2's linear bottlenecks) and ``name``
-    itself is returned.
-    """
-    check_layers(model, [name])
-    stage = model.get_submodule(name)
-    leaves = [
-        (f"{name}.{sub}" if sub else name, module)
-        for sub, module in stage.named_modules()
-        if not list(module.children())
-    ]
-    order: list[tuple[str, nn.Module]] = []
+def leaf_calls(model: nn.Module, example_input: Tensor) -> list[tuple[str, nn.Module]]:
+    """Every call of a leaf module of ``model`` in execution order (a module called twice
+    appears twice), from one dry forward pass in eval mode without gradients."""
+    calls: list[tuple[str, nn.Module]] = []
     handles = [
-        module.register_forward_hook(lambda m, _i, _o, n=n: order.append((n, m)))
-        for n, module in leaves
+        module.register_forward_hook(lambda m, _i, _o, n=name: calls.append((n, m)))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
     ]
     was_training = model.training
     model.eval()
@@ -210,8 +198,26 @@ def preactivation(model: nn.Module, name: str, example_input: Tensor) -> str:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if order and isinstance(order[-1][1], nn.ReLU):
-        return f"{order[-1][0]}{INPUT_SUFFIX}"
+    return calls
+
+
+def preactivation(model: nn.Module, name: str, example_input: Tensor) -> str:
+    """The tap name of layer ``name``'s output before its final ReLU.
+
+    One dry forward pass (:func:`leaf_calls`) shows which leaf modules run inside ``name``:
+    if the last one is an ``nn.ReLU`` (a CIFAR ResNet block's ``relu2``, a VGG block's ReLU),
+    the answer is that ReLU's input (``layer3.2.relu2:input``); otherwise the layer's output
+    already is un-rectified (pre-activation WRN groups, MobileNetV2's linear bottlenecks) and
+    ``name`` itself is returned.
+    """
+    check_layers(model, [name])
+    inside = [
+        (call, module)
+        for call, module in leaf_calls(model, example_input)
+        if call == name or call.startswith(f"{name}.")
+    ]
+    if inside and isinstance(inside[-1][1], nn.ReLU):
+        return f"{inside[-1][0]}{INPUT_SUFFIX}"
     return name
 
 

@@ -7,30 +7,9 @@ from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.connectors import ConvConnector
-from distill_zoo.distillers.layers import LayerChoice, pair_stages, probe_maps
+from distill_zoo.distillers.layers import LayerChoice, leaf_calls, pair_stages, probe_maps
 from distill_zoo.features import INPUT_SUFFIX, check_layers, module_name
 from distill_zoo.losses import ofd_loss, ofd_margin
-
-
-def leaf_calls(model: nn.Module, example_input: Tensor) -> list[tuple[str, nn.Module]]:
-    """Every call of a leaf module of ``model`` in execution order (a module called twice
-    appears twice), from one dry forward pass in eval mode without gradients."""
-    calls: list[tuple[str, nn.Module]] = []
-    handles = [
-        module.register_forward_hook(lambda m, _i, _o, n=name: calls.append((n, m)))
-        for name, module in model.named_modules()
-        if name and not list(module.children())
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return calls
 
 
 def preactivation_and_bn(
