@@ -1,11 +1,20 @@
 """Shared fixtures: tiny configs that run the real training path in seconds on a CPU."""
 
+import os
+
+# Tiny models gain nothing from a second OpenMP thread, and two threads spinning beside any
+# other busy process slow every step several-fold; CLI tests' subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from distill_zoo.config import compose
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -226,3 +226,20 @@ def test_cut_pipeline_resumes_to_the_uninterrupted_result(tiny_overrides, tmp_pa
     a = torch.load(full["last_checkpoint"], weights_only=True)["state_dict"]
     b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("student."))
+
+
+def test_takd_distillation_path_teaches_with_all_larger_models(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        "pipeline=takd",
+        "pipeline.assistants=[resnet8]",
+        "pipeline.distillation_path=true",
+        "epochs=1",
+    )
+    result = run_pipeline(overrides, tmp_path)
+    rows = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
+    assert rows[-1]["teacher"] == "ensemble of stages assistant1_resnet8 + teacher (best)"
+    resnet8, resnet14 = (
+        train.count_parameters(train.build_model(compose([f"student={a}"]).student, 4, 3))
+        for a in ("resnet8", "resnet14")
+    )
+    assert result["teacher_params"] == resnet8 + resnet14  # both members teach
