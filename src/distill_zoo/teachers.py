@@ -76,8 +76,12 @@ def load_weights(
     path: str | os.PathLike,
     role: str = "teacher",
     config_key: str | None = None,
+    loaded: object | None = None,
 ) -> nn.Module:
     """Loads the checkpoint at ``path`` into ``model`` (``weights_only=True``), strictly.
+
+    ``loaded`` is the file's content when the caller has already read it
+    (:func:`read_checkpoint`); ``path`` then only names it in errors.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -85,7 +89,7 @@ def load_weights(
         ValueError: the weights do not fit ``model`` (other architecture or class count).
     """
     path = Path(path).expanduser()
-    obj = read_checkpoint(path, role, config_key)
+    obj = read_checkpoint(path, role, config_key) if loaded is None else loaded
     state = extract_state_dict(obj, source=f"{role} checkpoint {path}")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -179,9 +179,9 @@ def initialize_from(module: DistillationModule, path: str) -> None:
     Distiller parts (a paraphraser, a connector) are taken where name and shape agree, so a
     stage can reuse what an earlier stage trained; the rest keep their fresh initialisation.
     """
-    teachers.load_weights(module.student, path, role="student init", config_key="init_from")
-    state = teachers.read_checkpoint(path, role="student init")
-    parts = state.get("state_dict", state)
+    checkpoint = teachers.read_checkpoint(path, role="student init", config_key="init_from")
+    teachers.load_weights(module.student, path, role="student init", loaded=checkpoint)
+    parts = checkpoint.get("state_dict", checkpoint)
     own = module.distiller.state_dict()
     taken = {
         key.removeprefix("distiller."): value
