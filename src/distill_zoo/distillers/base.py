@@ -114,6 +114,22 @@ class Distiller(nn.Module):
         """Named loss terms, each already multiplied by its weight; the module sums them."""
         raise NotImplementedError
 
+    def paired_features(
+        self, out: StepOutputs, pooled: bool = False
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``(student, teacher)`` features of each paired layer of ``student_layers`` and
+        ``teacher_layers``; ``pooled``: each as one vector per sample
+        (:func:`~distill_zoo.distillers.layers.embedding`)."""
+        pairs = [
+            (out.student_features[s], out.teacher_features[t])
+            for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
+        ]
+        if pooled:
+            from distill_zoo.distillers.layers import embedding  # layers imports this module
+
+            pairs = [(embedding(s), embedding(t)) for s, t in pairs]
+        return pairs
+
     def monitored(self) -> dict[str, Tensor]:
         """Values worth watching that are not loss terms (a learned temperature); the module
         logs each as ``train/<name>`` once per epoch. None by default."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.distillers.layers import PENULTIMATE, embedding, layer_pairs, probe_pairs
+from distill_zoo.distillers.layers import PENULTIMATE, layer_pairs, probe_pairs
 from distill_zoo.losses import DARKRANK_TRANSFERS, MAX_SOFT_LIST, darkrank_loss
 
 
@@ -102,14 +102,14 @@ class DarkRank(Distiller):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             darkrank_loss(
-                embedding(out.student_features[s]),
-                embedding(out.teacher_features[t]),
+                s,
+                t,
                 alpha=self.alpha,
                 beta=self.beta,
                 transfer=self.transfer,
                 list_length=self.list_length,
                 normalize=self.normalize,
             )
-            for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
+            for s, t in self.paired_features(out, pooled=True)
         )
         return {**self.logit_terms(out), "darkrank": self.weight * loss}

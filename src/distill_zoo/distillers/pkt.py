@@ -9,7 +9,7 @@ from distill_zoo.distillers.base import (
     Distiller,
     StepOutputs,
 )
-from distill_zoo.distillers.layers import PENULTIMATE, embedding, layer_pairs, probe_pairs
+from distill_zoo.distillers.layers import PENULTIMATE, layer_pairs, probe_pairs
 from distill_zoo.losses import PKT_REDUCTIONS, pkt_loss
 
 
@@ -72,10 +72,10 @@ class PKT(Distiller):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             pkt_loss(
-                embedding(out.student_features[s]),
-                embedding(out.teacher_features[t]),
+                s,
+                t,
                 reduction=self.reduction,
             )
-            for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
+            for s, t in self.paired_features(out, pooled=True)
         )
         return {**self.logit_terms(out), "pkt": self.weight * loss}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.distillers.layers import PENULTIMATE, embedding, layer_pairs, probe_pairs
+from distill_zoo.distillers.layers import PENULTIMATE, layer_pairs, probe_pairs
 from distill_zoo.losses import rkd_loss
 
 
@@ -70,11 +70,11 @@ class RKD(Distiller):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         loss = sum(
             rkd_loss(
-                embedding(out.student_features[s]),
-                embedding(out.teacher_features[t]),
+                s,
+                t,
                 distance_weight=self.distance_weight,
                 angle_weight=self.angle_weight,
             )
-            for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
+            for s, t in self.paired_features(out, pooled=True)
         )
         return {**self.logit_terms(out), "rkd": self.weight * loss}

@@ -61,8 +61,5 @@ class SP(Distiller):
         probe_pairs(student, teacher, self.context, self.student_layers, self.teacher_layers)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
-        loss = sum(
-            sp_loss(out.student_features[s], out.teacher_features[t])
-            for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
-        )
+        loss = sum(sp_loss(s, t) for s, t in self.paired_features(out))
         return {**self.logit_terms(out), "sp": self.weight * loss}
