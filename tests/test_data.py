@@ -468,3 +468,50 @@ def test_synthetic_data_is_learnable():
     images, targets, _ = next(iter(dm.test_dataloader()))
     accuracy = (model(images.flatten(1)).argmax(1) == targets).float().mean()
     assert accuracy > 0.9
+
+
+# --- the on-device path (tests/test_device_data.py has the rest) ---------------------------------
+
+IN_MEMORY = ["digits", "synthetic", "cifar10", "cifar100", "cifar10_jpeg"]
+
+
+@pytest.mark.parametrize("name", IN_MEMORY)
+def test_on_device_serves_what_the_dataloaders_serve(name, make):
+    """Evaluation batches equal the DataLoader path's; training batches are 4-tuples of views
+    of the right samples, and an epoch covers the training split once."""
+    num_classes, in_channels, image_size, _ = EXPECTED[name]
+    standard, dm = make(name), make(name, on_device=True, shuffle_seed=0)
+    for module in (standard, dm):
+        module.prepare_data()
+        module.setup("fit")
+    for split in ("val", "test"):
+        loader = getattr(standard, f"{split}_dataloader")()
+        on_device = getattr(dm, f"{split}_dataloader")()
+        assert len(on_device) == len(loader)
+        for expected, batch in zip(loader, on_device, strict=True):
+            images, targets, indices = dm.fetch(batch)
+            torch.testing.assert_close(images, expected[0], atol=1e-6, rtol=0)
+            assert torch.equal(targets, expected[1]) and torch.equal(indices, expected[2])
+
+    train = dm.train_dataloader()
+    assert len(train) == len(standard.train_dataloader())
+    pool_targets = dm.train_set.source.tensors[1]
+    positions = torch.as_tensor(dm.train_set.positions)
+    seen = []
+    for batch in train:
+        images, targets, indices, keys = dm.fetch(batch)
+        assert images.shape == (len(targets), in_channels, *image_size)
+        assert images.dtype == torch.float32 and images.is_contiguous()
+        assert targets.dtype == indices.dtype == keys.dtype == torch.long
+        assert torch.equal(targets, pool_targets[positions[indices]])
+        assert targets.max() < num_classes
+        assert keys.min() >= 0 and keys.max() < dm.train_augmentation.num_keys
+        seen.append(indices)
+    assert sorted(torch.cat(seen).tolist()) == list(range(dm.num_train_samples))
+    if dm.train_set.source.tensors[0].dtype == torch.uint8:  # CIFAR and JPEG stay uint8
+        assert dm._on(torch.device("cpu")).pool_images.dtype == torch.uint8
+
+
+def test_imagefolder_has_no_on_device_path(tmp_path):
+    with pytest.raises(ValueError, match="data.on_device=false"):
+        ImageFolderDataModule(root=str(tmp_path), on_device=True)

@@ -104,7 +104,10 @@ def test_every_distiller_config_trains_and_learns(tiny_config, tmp_path, distill
     # The label term falls; the total may rise while a method's weight warms up (DKD, ReviewKD).
     ce = [float(r["train/loss_ce"]) for r in rows]
     assert ce[-1] < ce[0], ce
-    assert metrics["best_val_acc1"] > 0.6, metrics  # 4 classes: chance is 0.25
+    # 4 classes: chance is 0.25, and 0.45 lies 3.7 std above it on the 64 test images (the 26
+    # validation images are too few for a threshold). Methods whose default weight belongs to
+    # 240-epoch runs (AT's 1000) learn slowest in 4 epochs.
+    assert metrics["test_acc1_best"] > 0.45, metrics
 
 
 def test_missing_teacher_and_missing_checkpoint_fail_clearly(tiny_config, tmp_path):

@@ -22,6 +22,7 @@ _KNOWN_AFTER_SETUP = frozenset(
         "num_train_samples",
         "class_names",
         "train_targets",
+        "train_augmentation",
     }
 )
 

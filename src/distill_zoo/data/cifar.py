@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets.utils import download_and_extract_archive
-from torchvision.transforms import v2
 
-from distill_zoo.data.base import BaseDataModule, Transform
+from distill_zoo.data.augment import CropFlip
+from distill_zoo.data.device import InMemoryDataModule
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -23,15 +23,11 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
 
-def cifar_transforms(
-    mean: tuple[float, ...], std: tuple[float, ...]
-) -> tuple[Transform, Transform]:
-    """The KD literature's CIFAR recipe on uint8 CHW tensors: training RandomCrop(32,
-    padding=4) and RandomHorizontalFlip, then (both) scaling to [0, 1] and Normalize, i.e. the
-    classic ``ToTensor`` + ``Normalize``."""
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float])
-    return train, v2.Compose(to_float)
+def cifar_crop_flip(mean: tuple[float, ...], std: tuple[float, ...]) -> CropFlip:
+    """The KD literature's CIFAR recipe: RandomCrop(32, padding=4) and RandomHorizontalFlip for
+    training, then (training and evaluation) scaling to [0, 1] and Normalize, i.e. the classic
+    ``ToTensor`` + ``Normalize``."""
+    return CropFlip(padding=4, flip=True, mean=tuple(mean), std=tuple(std))
 
 
 def _tensor_set(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
@@ -42,8 +38,10 @@ def _tensor_set(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     )
 
 
-class CifarDataModule(BaseDataModule):
-    """32x32 RGB images held in memory as uint8, with :func:`cifar_transforms`.
+class CifarDataModule(InMemoryDataModule):
+    """32x32 RGB images held in memory as uint8, with :func:`cifar_crop_flip`, served by
+    DataLoaders or on the training device (``on_device``, see
+    :class:`~distill_zoo.data.device.InMemoryDataModule`).
 
     Subclasses give ``num_classes``, ``mean``, ``std`` and :meth:`load_arrays`.
     """
@@ -70,10 +68,8 @@ class CifarDataModule(BaseDataModule):
             _tensor_set(test_images, test_labels),
         )
 
-    def build_transforms(
-        self, pool: Dataset, train_positions: np.ndarray
-    ) -> tuple[Transform, Transform]:
-        return cifar_transforms(self.mean, self.std)
+    def crop_flip(self, pool: TensorDataset, train_positions: np.ndarray) -> CropFlip:
+        return cifar_crop_flip(self.mean, self.std)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -125,6 +121,9 @@ class _OfficialCifarDataModule(CifarDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         drop_last: bool = False,
+        on_device: bool = False,
+        shuffle_seed: int = 0,
+        augment_rounds: int | None = None,
     ) -> None:
         super().__init__(
             val_fraction=val_fraction,
@@ -132,6 +131,9 @@ class _OfficialCifarDataModule(CifarDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             drop_last=drop_last,
+            on_device=on_device,
+            shuffle_seed=shuffle_seed,
+            augment_rounds=augment_rounds,
         )
         self.root = Path(root).expanduser()
         self.download = download
@@ -198,8 +200,12 @@ class CIFAR10DataModule(_OfficialCifarDataModule):
         val_fraction: Share of the training images held out for validation, in (0, 1).
         seed: Seed of the validation split.
         batch_size: Samples per batch.
-        num_workers: Loader worker processes.
+        num_workers: Loader worker processes (DataLoader path).
         drop_last: Whether the training loader drops the last incomplete batch.
+        on_device: Keep the data set on the training device and build batches there.
+        shuffle_seed: Seed of the on-device order and augmentation.
+        augment_rounds: Replay this many fixed augmentation rounds (FKD); ``None``: fresh
+            crops and flips every epoch.
     """
 
     num_classes = 10
@@ -220,8 +226,12 @@ class CIFAR100DataModule(_OfficialCifarDataModule):
         val_fraction: Share of the training images held out for validation, in (0, 1).
         seed: Seed of the validation split.
         batch_size: Samples per batch.
-        num_workers: Loader worker processes.
+        num_workers: Loader worker processes (DataLoader path).
         drop_last: Whether the training loader drops the last incomplete batch.
+        on_device: Keep the data set on the training device and build batches there.
+        shuffle_seed: Seed of the on-device order and augmentation.
+        augment_rounds: Replay this many fixed augmentation rounds (FKD); ``None``: fresh
+            crops and flips every epoch.
     """
 
     num_classes = 100

@@ -90,7 +90,7 @@ class CIFAR10JPEGDataModule(CifarDataModule):
 
     ``prepare_data`` decodes the 60,000 JPEGs once into ``<cache_dir>/cifar10_jpeg.npz``
     (:func:`decode_archive`); later runs load that file and serve from memory with the CIFAR
-    augmentation and normalisation (:func:`~distill_zoo.data.cifar.cifar_transforms`). The
+    augmentation and normalisation (:func:`~distill_zoo.data.cifar.cifar_crop_flip`). The
     cache is reused without opening the archive, unless the archive's size has changed; delete
     it to force a new decode. ``num_classes`` is 10 until ``setup()`` has read the archive's
     class folders. The JPEGs are lossy, so accuracies run a little below published CIFAR-10
@@ -104,8 +104,12 @@ class CIFAR10JPEGDataModule(CifarDataModule):
         val_fraction: Share of the training images held out for validation, in (0, 1).
         seed: Seed of the validation split.
         batch_size: Samples per batch.
-        num_workers: Loader worker processes.
+        num_workers: Loader worker processes (DataLoader path).
         drop_last: Whether the training loader drops the last incomplete batch.
+        on_device: Keep the decoded data set on the training device and build batches there.
+        shuffle_seed: Seed of the on-device order and augmentation.
+        augment_rounds: Replay this many fixed augmentation rounds (FKD); ``None``: fresh
+            crops and flips every epoch.
     """
 
     num_classes = 10
@@ -122,6 +126,9 @@ class CIFAR10JPEGDataModule(CifarDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         drop_last: bool = False,
+        on_device: bool = False,
+        shuffle_seed: int = 0,
+        augment_rounds: int | None = None,
     ) -> None:
         super().__init__(
             val_fraction=val_fraction,
@@ -129,6 +136,9 @@ class CIFAR10JPEGDataModule(CifarDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             drop_last=drop_last,
+            on_device=on_device,
+            shuffle_seed=shuffle_seed,
+            augment_rounds=augment_rounds,
         )
         self.archive = Path(archive).expanduser()
         self.cache_file = Path(cache_dir).expanduser() / CACHE_NAME

@@ -36,6 +36,9 @@ class ImageFolderDataModule(BaseDataModule):
         batch_size: Samples per batch (per process under DDP).
         num_workers: Loader worker processes, which decode the images.
         drop_last: Whether the training loader drops the last incomplete batch.
+        on_device: Must stay ``False``: images are decoded from files by DataLoader workers
+            (pinned memory, persistent workers); only in-memory data sets have an on-device
+            path.
     """
 
     in_channels = 3
@@ -50,7 +53,15 @@ class ImageFolderDataModule(BaseDataModule):
         batch_size: int = 256,
         num_workers: int = 4,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
+        if on_device:
+            raise ValueError(
+                "ImageFolderDataModule decodes image files in DataLoader workers and has no "
+                "on-device path (the data set does not fit in memory): set "
+                "data.on_device=false. In-memory data sets (cifar10, cifar100, cifar10_jpeg, "
+                "digits, synthetic) have one."
+            )
         super().__init__(
             val_fraction=val_fraction,
             seed=seed,

@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from distill_zoo.data.base import BaseDataModule
+from distill_zoo.data.device import InMemoryDataModule
 
 
-class SyntheticDataModule(BaseDataModule):
+class SyntheticDataModule(InMemoryDataModule):
     """Random images whose class can be learnt: each class has a fixed random pattern (smooth,
     drawn at 4x4 and upsampled, so that small CNNs pick it up quickly) and each image is its
     class's pattern plus Gaussian noise. Everything is drawn from ``seed``; classes are
-    balanced. Images are already float and centred, so no transform is applied.
+    balanced. Images are already float and centred, so no transform is applied (on the
+    device path, training batches carry augmentation keys of 0).
 
     Args:
         num_samples: Size of the training pool, before the validation split.
@@ -25,8 +26,12 @@ class SyntheticDataModule(BaseDataModule):
         val_fraction: Share of the training pool held out for validation, in (0, 1).
         seed: Seed of the patterns, the noise and the validation split.
         batch_size: Samples per batch.
-        num_workers: Loader worker processes.
+        num_workers: Loader worker processes (DataLoader path).
         drop_last: Whether the training loader drops the last incomplete batch.
+        on_device: Keep the data set on the training device and build batches there.
+        shuffle_seed: Seed of the on-device order.
+        augment_rounds: Accepted for a uniform interface; without augmentation it changes
+            nothing.
     """
 
     def __init__(
@@ -43,6 +48,9 @@ class SyntheticDataModule(BaseDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         drop_last: bool = False,
+        on_device: bool = False,
+        shuffle_seed: int = 0,
+        augment_rounds: int | None = None,
     ) -> None:
         super().__init__(
             val_fraction=val_fraction,
@@ -50,6 +58,9 @@ class SyntheticDataModule(BaseDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             drop_last=drop_last,
+            on_device=on_device,
+            shuffle_seed=shuffle_seed,
+            augment_rounds=augment_rounds,
         )
         self.num_samples = num_samples
         self.num_test_samples = num_test_samples
