@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill_zoo.distillers.base import Distiller, StepOutputs
 from distill_zoo.features import FeatureTap
 from distill_zoo.losses import cross_entropy
+from distill_zoo.teacher_cache import TeacherOutputCache
 
 # The frozen teacher is in eval mode on purpose; Lightning would warn about it every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -29,6 +30,13 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _ordinary(tensor: Tensor, upcast: bool) -> Tensor:
+    """A tensor usable by autograd (float32 with ``upcast``) from one made in inference mode."""
+    if upcast and tensor.dtype != torch.float32:
+        return tensor.float()  # a new tensor, made outside inference mode
+    return tensor.clone() if tensor.is_inference() else tensor
 
 
 def _numpy_state_to_safe(state: tuple) -> dict:
@@ -69,6 +77,14 @@ class DistillationModule(L.LightningModule):
         distill_epochs: Distil only during the first ``distill_epochs`` epochs, then train on
             the labels alone (cross-entropy, weight 1; Cho & Hariharan's early-stopped KD,
             ICCV 2019); ``None``: distil throughout.
+        channels_last: Keep models and images in NHWC memory format (faster convolutions on
+            tensor cores and oneDNN).
+        teacher_inference_mode: Run the teacher under ``torch.inference_mode()`` (no autograd
+            bookkeeping at all) instead of ``torch.no_grad()``.
+        teacher_bf16: Hold the frozen teacher in bfloat16 and feed it bfloat16 images; its
+            outputs are handed to the distiller in float32.
+        teacher_cache: Reuse teacher logits per (sample, augmentation) instead of running the
+            teacher (logit-only distillers; training batches must carry augmentation keys).
     """
 
     def __init__(
@@ -80,6 +96,11 @@ class DistillationModule(L.LightningModule):
         scheduler: SchedulerFactory | None,
         num_classes: int,
         distill_epochs: int | None = None,
+        *,
+        channels_last: bool = False,
+        teacher_inference_mode: bool = True,
+        teacher_bf16: bool = False,
+        teacher_cache: TeacherOutputCache | None = None,
     ) -> None:
         super().__init__()
         if distill_epochs is not None and distill_epochs < 0:
@@ -90,6 +111,20 @@ class DistillationModule(L.LightningModule):
         self.distiller = distiller
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.teacher_inference_mode = teacher_inference_mode
+        self.teacher_dtype = torch.bfloat16 if teacher_bf16 else None
+        if teacher_cache is not None and (teacher is None or distiller.layers()[1]):
+            raise ValueError(
+                "the teacher cache keeps logits only: it needs a teacher and a distiller that "
+                f"reads no teacher features ({type(distiller).__name__} reads "
+                f"{distiller.layers()[1]}); set speed.teacher_cache=false"
+            )
+        self.teacher_cache = teacher_cache
+        if self.teacher is not None and teacher_bf16:
+            self.teacher.to(torch.bfloat16)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         student_layers, teacher_layers = distiller.layers()
         self.student_tap = FeatureTap(student, student_layers, role="student")
         self.teacher_tap = (
@@ -120,16 +155,40 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()
         return self
 
-    def _teacher_forward(self, images: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+    def _teacher_forward(
+        self, images: Tensor, indices: Tensor | None = None, aug_keys: Tensor | None = None
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Teacher logits and tapped features; cached logits where the cache holds them."""
         if self.teacher is None:
             return None, {}
-        with torch.no_grad():
-            logits = self.teacher(images)
-        return logits, self.teacher_tap.pop()
+        if self.teacher_cache is None or aug_keys is None:
+            return self._run_teacher(images)
+        found, logits = self.teacher_cache.lookup(indices, aug_keys)
+        if not bool(found.all()):
+            # The teacher is in eval mode (no batch statistics): a sub-batch of the misses
+            # gets the logits those samples would get in the full batch.
+            missing = ~found
+            logits[missing] = self._run_teacher(images[missing])[0].float()
+            self.teacher_cache.store(
+                indices[missing], aug_keys[missing], logits[missing], self.current_epoch
+            )
+        return logits, {}
+
+    def _run_teacher(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs = images if self.teacher_dtype is None else images.to(self.teacher_dtype)
+        with torch.inference_mode() if self.teacher_inference_mode else torch.no_grad():
+            logits = self.teacher(inputs)
+            features = self.teacher_tap.pop()
+        # Outside inference mode, so that losses may save them for the student's backward;
+        # a bf16 teacher's outputs meet the fp32 student as fp32.
+        upcast = self.teacher_dtype is not None
+        return _ordinary(logits, upcast), {k: _ordinary(v, upcast) for k, v in features.items()}
 
     def on_train_epoch_end(self) -> None:
         for name, value in self.distiller.monitored().items():
             self.log(f"train/{name}", value)
+        if self.teacher_cache is not None:
+            self.log("train/teacher_cache_hit_rate", self.teacher_cache.hit_rate())
 
     def on_train_epoch_start(self) -> None:
         # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.
@@ -140,13 +199,16 @@ class DistillationModule(L.LightningModule):
         return self.distill_epochs is None or self.current_epoch < self.distill_epochs
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, targets, indices = batch
+        images, targets, indices = batch[:3]
+        # The on-device data path adds each sample's augmentation key (teacher cache).
+        aug_keys = batch[3] if len(batch) > 3 else None
+        images = images.contiguous(memory_format=self.memory_format)
         if not self._distilling():
             student_logits = self.student(images)
             self.student_tap.pop()
             terms = {"ce": cross_entropy(student_logits, targets)}
             return self._log_step(terms, student_logits, targets)
-        teacher_logits, teacher_features = self._teacher_forward(images)
+        teacher_logits, teacher_features = self._teacher_forward(images, indices, aug_keys)
         student_logits = self.student(images)
         terms = self.distiller(
             StepOutputs(
@@ -167,10 +229,21 @@ class DistillationModule(L.LightningModule):
         batch_size = targets.shape[0]
         for name, value in terms.items():
             self.log(
-                f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size
+                f"train/loss_{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,  # under DDP: the mean over all processes, not rank 0's
             )
         self.log(
-            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=True,
         )
         self.train_acc1(student_logits.detach(), targets)
         self.log(
@@ -179,7 +252,7 @@ class DistillationModule(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
-        images, targets, _ = batch
+        images, targets = batch[0].contiguous(memory_format=self.memory_format), batch[1]
         student_logits = self.student(images)
         self.student_tap.pop()
         teacher_logits, _ = self._teacher_forward(images)
@@ -192,6 +265,7 @@ class DistillationModule(L.LightningModule):
             cross_entropy(student_logits, targets),
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=True,
         )
         logged = ["acc1", "acc5"]
         if teacher_logits is not None:

@@ -135,6 +135,12 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
         init_from=None,
         pipeline=None,
     )
+    # The teacher cache and its replayed augmentations speed up distillation; the teacher
+    # itself trains on fresh augmentations and has no teacher to cache.
+    if isinstance(run_cfg.get("speed"), dict):
+        run_cfg["speed"] = {**run_cfg["speed"], "teacher_cache": False}
+    if isinstance(run_cfg.get("data"), dict) and "augment_rounds" in run_cfg["data"]:
+        run_cfg["data"] = {**run_cfg["data"], "augment_rounds": None}
     return OmegaConf.create(run_cfg)
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distill_zoo import teachers
+from distill_zoo import speed, teachers
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
 from distill_zoo.module import DistillationModule
@@ -138,6 +138,22 @@ def resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     return None
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Rewrites ``checkpoints/last.ckpt`` after every epoch: where ``resume=true`` continues.
+
+    Its own callback because Lightning 2.6's ``save_last=True`` rewrites ``last.ckpt`` only in
+    epochs that also write a new best, so a resume could restart from an old epoch.
+    """
+
+    def __init__(self, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        # Unique beside an every-epoch ModelCheckpoint (save_every_n_epochs=1).
+        return type(self).__name__
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     loggers = [
         instantiate(node, save_dir=str(run_dir / "logs"))
@@ -160,15 +176,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         filename="best-{epoch:03d}",
         monitor="val/acc1",
         mode="max",
-        save_last=True,
         auto_insert_metric_name=False,
     )
+    last = LastCheckpoint(dirpath=run_dir / "checkpoints")
     return instantiate(
         cfg.trainer,
         max_epochs=cfg.epochs,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=[checkpoint, *extra, *callbacks],
+        callbacks=[checkpoint, last, *extra, *callbacks],  # first: trainer.checkpoint_callback
     )
 
 
@@ -202,24 +218,9 @@ def count_parameters(model: nn.Module | None) -> int | None:
     return None if model is None else sum(p.numel() for p in model.parameters())
 
 
-def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> dict:
-    """Trains one student as ``cfg`` says, in ``run_dir``, and returns its metrics.
-
-    Writes ``config.yaml`` (resolved), ``checkpoints/{best-*,last}.ckpt``, CSV and TensorBoard
-    logs and ``metrics.json``. With ``resume=true`` a run continues from ``last.ckpt``.
-
-    Args:
-        cfg: The composed config (``conf/train.yaml``).
-        run_dir: Output folder of this run.
-        callbacks: Extra Lightning callbacks (tests use them to interrupt a run).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    started = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
-    warn_about_schedule(cfg)
-
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:
+    """The set-up data module and the DistillationModule that ``cfg`` describes, ready to fit
+    (teachers named without a checkpoint are trained or taken from the cache here)."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -238,6 +239,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     )
     distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
     check_ensemble_use(teacher, distiller)
+    fast = cfg.get("speed") or {}
     module = DistillationModule(
         student=student,
         teacher=teacher,
@@ -246,9 +248,37 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         num_classes=num_classes,
         distill_epochs=cfg.get("distill_epochs"),
+        channels_last=fast.get("channels_last", False),
+        teacher_inference_mode=fast.get("teacher_inference_mode", True),
+        teacher_bf16=fast.get("teacher_bf16", False),
+        teacher_cache=speed.build_teacher_cache(fast, datamodule, teacher, num_classes),
     )
     if cfg.get("init_from"):
         initialize_from(module, cfg.init_from)
+    if fast.get("compile"):
+        speed.compile_models(module.student, module.teacher)
+    return datamodule, module
+
+
+def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> dict:
+    """Trains one student as ``cfg`` says, in ``run_dir``, and returns its metrics.
+
+    Writes ``config.yaml`` (resolved), ``checkpoints/{best-*,last}.ckpt``, CSV and TensorBoard
+    logs and ``metrics.json``. With ``resume=true`` a run continues from ``last.ckpt``.
+
+    Args:
+        cfg: The composed config (``conf/train.yaml``).
+        run_dir: Output folder of this run.
+        callbacks: Extra Lightning callbacks (tests use them to interrupt a run).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    warn_about_schedule(cfg)
+
+    datamodule, module = build(cfg)
     trainer = build_trainer(cfg, run_dir, callbacks or [])
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
@@ -259,7 +289,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     best_score, best_path, last_path = (
         _float(checkpoint.best_model_score),
         checkpoint.best_model_path,
-        checkpoint.last_model_path,
+        str(run_dir / "checkpoints" / "last.ckpt"),
     )
     last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     best = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
@@ -271,17 +301,35 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         "test_acc5_last": last.get("test/acc5"),
         "teacher_test_acc1": best.get("test/teacher_acc1"),
         "test_agreement_best": best.get("test/agreement"),
-        "student_params": count_parameters(student),
-        "teacher_params": count_parameters(teacher),
+        "student_params": count_parameters(module.student),
+        "teacher_params": count_parameters(module.teacher),
         "epochs": trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - started, 2),
+        **speed.peak_memory_mb(module.device),
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
     }
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("metrics: %s", json.dumps(metrics))
+        log.info(summary(metrics))
     return metrics
+
+
+def summary(metrics: dict) -> str:
+    """One line a person reads at the end of a run: accuracy, time and peak memory."""
+
+    def pct(value) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    memory = f"peak RSS {metrics['peak_rss_mb']:.0f} MB"
+    if "peak_gpu_memory_mb" in metrics:
+        memory += f", peak GPU memory {metrics['peak_gpu_memory_mb']:.0f} MB"
+    return (
+        f"run summary: test top-1 {pct(metrics['test_acc1_best'])} (best val checkpoint), "
+        f"{pct(metrics['test_acc1_last'])} (last); teacher {pct(metrics['teacher_test_acc1'])}; "
+        f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s; {memory}"
+    )
 
 
 def _example_input(datamodule: L.LightningDataModule):
