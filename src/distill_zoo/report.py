@@ -1,20 +1,38 @@
-"""Tabulate runs: ``python -m distill_zoo.report <run or sweep dir>``.
+"""Tabulate and plot runs: ``python -m distill_zoo.report <run, sweep or pipeline dir>``.
 
-Finds every run folder below the given one (a folder with ``config.yaml``), groups the runs
-by their command-line overrides without ``seed``, and prints mean +- std over seeds of the
-metrics in each run's ``metrics.json``. Runs without ``metrics.json`` (still running, or
-crashed) are listed as unfinished, never dropped. Pipeline folders (``pipeline.json``) are
-not runs themselves: each of their stages is grouped as ``stage=<i>_<name>`` plus the
-stage's overrides, so a sweep over pipeline seeds averages each stage over the seeds.
+Finds every run folder below the given one (a folder with ``config.yaml``, or a Hydra job
+folder with ``.hydra/``), groups the runs by their command-line overrides without ``seed``,
+and shows mean +- std over seeds of best val top-1, test top-1 of the best-on-val checkpoint
+and of the last epoch (papers report either), teacher top-1, teacher-student agreement, and
+the gain over the matching vanilla student (``distiller=none`` with the same other
+overrides), paired by seed. Writes ``report.md`` and ``report.csv`` and, unless
+``--no-plots``, the figures of :mod:`distill_zoo.plots` into ``plots/``.
+
+A run without ``metrics.json`` is never dropped: it is *running* if anything in its folder
+was written in the last ``--stale-minutes`` (10), else *crashed*. Pipeline folders
+(``pipeline.json``) are not runs themselves: each of their stages is grouped as
+``stage=<i>_<name>`` plus the stage's overrides, so a sweep over pipeline seeds averages each
+stage over the seeds.
+
+``python -m distill_zoo.report --softmax <checkpoint or run dir>`` instead draws one real
+test image's softened teacher prediction at T = 1, 2, 4, 8, 16 (:mod:`distill_zoo.softened`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import os
+import re
 import statistics
+import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -25,26 +43,47 @@ COLUMNS = {
     "teacher_test_acc1": "teacher top-1",
     "test_agreement_best": "agreement",
 }
+"""Metrics of ``metrics.json`` in the table (all fractions, shown in %), and their titles."""
+GAIN_METRICS = {
+    "test_acc1_best": "gain (best val)",
+    "test_acc1_last": "gain (last)",
+}
+"""Metrics whose gain over the vanilla student is shown, and the gain columns' titles."""
 IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root", "teacher_store")
-
-
+DISTILLATION_KEYS = ("distiller", "teacher", "teacher_seed", "distill_epochs")
+"""Override keys (and their sub-keys, ``distiller.temperature``) that say how a student is
+taught: a method's group is compared with the vanilla group that agrees on all the others."""
+VANILLA_DISTILLER = "CrossEntropyOnly"
+STALE_AFTER_S = 600.0
 PIPELINE_SUMMARY = "pipeline.json"
+REPORT_FILES = ("report.md", "report.csv")
+PLOTS = "plots"
+FINISHED, RUNNING, CRASHED = "finished", "running", "crashed"
+
+
+# --- finding runs ----------------------------------------------------------------------------
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run folders below ``root`` (itself included), in path order; pipeline folders are
-    left out (their stages are runs)."""
-    return sorted(
-        p.parent
-        for p in root.rglob("config.yaml")
-        if not {".hydra", "checkpoints"} & set(p.parts)
-        and not (p.parent / PIPELINE_SUMMARY).is_file()
-    )
+    """Run folders below ``root`` (itself included), in path order: folders with a
+    ``config.yaml`` or a ``.hydra/`` (a Hydra job that crashed before writing its config);
+    pipeline folders are left out (their stages are runs)."""
+    root = Path(root)
+    found = set()
+    for marker in ("config.yaml", ".hydra"):
+        for path in root.rglob(marker):
+            inside = path.relative_to(root).parts[:-1]
+            if {".hydra", "checkpoints"} & set(inside):
+                continue
+            if marker == ".hydra" and not path.is_dir():
+                continue
+            found.add(path.parent)
+    return sorted(p for p in found if not (p / PIPELINE_SUMMARY).is_file())
 
 
 def find_pipelines(root: Path) -> list[Path]:
     """Pipeline folders below ``root`` (itself included)."""
-    return sorted(p.parent for p in root.rglob(PIPELINE_SUMMARY))
+    return sorted(p.parent for p in Path(root).rglob(PIPELINE_SUMMARY))
 
 
 def stage_of(run: Path) -> list[str]:
@@ -61,86 +100,573 @@ def _flatten(node, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else str(node)}
 
 
+def _read_config(run: Path) -> dict:
+    path = run / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def config_differences(runs: list[Path]) -> dict[Path, list[str]]:
     """``key=value`` for each config key whose value differs between ``runs``: the
     overrides of runs started from code (``train.run``), which Hydra did not record."""
-    flat = {run: _flatten(yaml.safe_load((run / "config.yaml").read_text()) or {}) for run in runs}
+    flat = {run: _flatten(_read_config(run)) for run in runs}
     keys = sorted({k for f in flat.values() for k in f})
     varying = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
     return {run: [f"{k}={f[k]}" for k in varying if k in f] for run, f in flat.items()}
 
 
+def _recorded_overrides(run: Path) -> list[str] | None:
+    path = run / ".hydra" / "overrides.yaml"
+    return (yaml.safe_load(path.read_text()) or []) if path.is_file() else None
+
+
 def overrides_of(run: Path, fallback: list[str] | None = None) -> list[str]:
     """The run's command-line overrides that define its group (seed and resume left out);
     ``fallback`` where Hydra recorded none."""
-    path = run / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else fallback
-    return sorted(
-        o for o in items or [] if o.split("=", 1)[0].lstrip("+~") not in IGNORED_OVERRIDES
+    items = _recorded_overrides(run)
+    items = fallback if items is None else items
+    kept = [o for o in items or [] if override_key(o) not in IGNORED_OVERRIDES]
+    return sorted(kept, key=lambda o: (override_key(o).split("."), o))
+
+
+def override_key(override: str) -> str:
+    """``distiller.temperature`` of ``distiller.temperature=4`` (``+``/``~`` prefixes off)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_distillation_key(key: str) -> bool:
+    """Whether an override key says how a student is taught (see :data:`DISTILLATION_KEYS`)."""
+    return key.split(".", 1)[0] in DISTILLATION_KEYS or key.startswith("speed.teacher")
+
+
+def last_write(run: Path) -> float:
+    """The newest modification time of any file the run wrote in ``run`` (the folder's own
+    if none): this report's own outputs (``report.*``, ``plots/``) do not count."""
+    newest = None
+    for folder, subfolders, files in os.walk(run):
+        if Path(folder) == run:
+            subfolders[:] = [d for d in subfolders if d != PLOTS]
+            files = [f for f in files if f not in REPORT_FILES]
+        for name in files:
+            try:
+                written = os.stat(os.path.join(folder, name)).st_mtime
+            except OSError:  # removed while we look (a checkpoint being replaced)
+                continue
+            newest = written if newest is None else max(newest, written)
+    return run.stat().st_mtime if newest is None else newest
+
+
+def training_curve(run: Path, column: str = "val/acc1") -> list[tuple[int, float]]:
+    """``(epoch, value)`` pairs of ``column`` in the run's CSV logs (``logs/**/metrics.csv``),
+    one per epoch (the last value logged in it), epochs counted from 1, sorted."""
+    by_epoch: dict[int, float] = {}
+    for path in sorted((run / "logs").rglob("metrics.csv")):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                value, epoch = row.get(column), row.get("epoch")
+                if value in (None, "") or epoch in (None, ""):
+                    continue
+                number = float(value)
+                if not math.isnan(number):
+                    by_epoch[int(float(epoch)) + 1] = number
+    return sorted(by_epoch.items())
+
+
+@dataclass
+class Run:
+    """One run folder, read.
+
+    Attributes:
+        path: The folder.
+        overrides: Its group: stage and command-line overrides, seed left out.
+        status: ``finished`` (has ``metrics.json``), ``running`` or ``crashed``.
+        metrics: The content of ``metrics.json`` (empty unless finished).
+        seed: The run's seed (``None`` where neither its config nor overrides name one).
+        vanilla: Whether the student was trained on labels alone (``distiller=none``,
+            no label smoothing): the baseline of distillation gains.
+        last_write: Newest modification time of anything in the folder (seconds since epoch).
+    """
+
+    path: Path
+    overrides: tuple[str, ...]
+    status: str
+    metrics: dict
+    seed: int | None
+    vanilla: bool
+    last_write: float
+
+
+def read_run(
+    run: Path, fallback: list[str], now: float, stale_after_s: float = STALE_AFTER_S
+) -> Run:
+    """Reads one run folder; ``fallback`` are its overrides where Hydra recorded none."""
+    config = _read_config(run)
+    raw = _recorded_overrides(run) or []
+    metrics_file = run / "metrics.json"
+    if metrics_file.is_file():
+        status, metrics = FINISHED, json.loads(metrics_file.read_text())
+        written = metrics_file.stat().st_mtime
+    else:
+        written = last_write(run)
+        status, metrics = (RUNNING if now - written < stale_after_s else CRASHED), {}
+    seed = config.get("seed")
+    if seed is None:
+        seeds = [o.split("=", 1)[1] for o in raw if override_key(o) == "seed" and "=" in o]
+        seed = int(seeds[-1]) if seeds and seeds[-1].lstrip("-").isdigit() else None
+    distiller = config.get("distiller") or {}
+    if "_target_" in distiller:
+        vanilla = distiller["_target_"].rsplit(".", 1)[-1] == VANILLA_DISTILLER and not (
+            distiller.get("label_smoothing")
+        )
+    else:
+        vanilla = "distiller=none" in raw
+    return Run(
+        path=run,
+        overrides=tuple(stage_of(run) + overrides_of(run, fallback=fallback)),
+        status=status,
+        metrics=metrics,
+        seed=seed,
+        vanilla=vanilla,
+        last_write=written,
     )
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    scale = 100 if all(0 <= v <= 1 for v in values) else 1  # accuracies are stored as fractions
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} +- {statistics.stdev(values) * scale:.2f}"
+# --- statistics ------------------------------------------------------------------------------
+
+
+class Stat(NamedTuple):
+    """Mean and sample standard deviation (``None`` below 2 values) of ``n`` values."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        if not values:
+            return cls(None, None, 0)
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(statistics.fmean(values), std, len(values))
+
+    def text(self, sign: bool = False) -> str:
+        """``72.00 +- 2.83``, ``72.00`` for one value, ``-`` for none."""
+        if self.mean is None:
+            return "-"
+        mean = f"{self.mean:+.2f}" if sign else f"{self.mean:.2f}"
+        return mean if self.std is None else f"{mean} +- {self.std:.2f}"
+
+
+@dataclass
+class Gain:
+    """A method's gain over the vanilla student, in percentage points.
+
+    Attributes:
+        difference: Method mean minus vanilla mean.
+        paired: Mean +- std of the per-seed differences, over the seeds both have.
+        complete: Whether every seed of the method has a vanilla run of that seed.
+    """
+
+    difference: float
+    paired: Stat
+    complete: bool
+
+    def text(self) -> str:
+        if self.complete:
+            return self.paired.text(sign=True)
+        return f"{self.difference:+.2f} (unpaired)"
+
+
+def _by_seed(runs: list[Run], key: str) -> dict[int, float]:
+    values = defaultdict(list)
+    for run in runs:
+        if run.seed is not None and run.metrics.get(key) is not None:
+            values[run.seed].append(100 * run.metrics[key])
+    return {seed: statistics.fmean(v) for seed, v in values.items()}
+
+
+@dataclass
+class Group:
+    """The runs that share their overrides (all seeds of one setting)."""
+
+    overrides: tuple[str, ...]
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+    vanilla_groups: list[Group] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[Run]:
+        return [run for run in self.runs if run.status == FINISHED]
+
+    @property
+    def vanilla(self) -> bool:
+        return all(run.vanilla for run in self.runs)
+
+    def count(self, status: str) -> int:
+        return sum(run.status == status for run in self.runs)
+
+    def settings(self) -> dict[str, str]:
+        """``{key: value}`` of the group's ``key=value`` overrides."""
+        return dict(o.split("=", 1) for o in self.overrides if "=" in o)
+
+    def values(self, key: str) -> list[float]:
+        """``key`` of each finished run, in % (runs where it is missing left out)."""
+        return [100 * r.metrics[key] for r in self.finished if r.metrics.get(key) is not None]
+
+    def stat(self, key: str) -> Stat:
+        return Stat.of(self.values(key))
+
+    def gain(self, key: str) -> Gain | None:
+        """Gain in ``key`` over the matching vanilla runs; ``None`` without any."""
+        vanilla = [run for group in self.vanilla_groups for run in group.finished]
+        own = self.stat(key)
+        base = Stat.of([100 * r.metrics[key] for r in vanilla if r.metrics.get(key) is not None])
+        if own.mean is None or base.mean is None:
+            return None
+        mine, theirs = _by_seed(self.finished, key), _by_seed(vanilla, key)
+        shared = sorted(mine.keys() & theirs.keys())
+        paired = Stat.of([mine[s] - theirs[s] for s in shared])
+        seeded = sum(r.seed is not None for r in self.finished if r.metrics.get(key) is not None)
+        complete = bool(shared) and len(shared) == len(mine) and seeded == own.n
+        return Gain(own.mean - base.mean, paired, complete)
+
+    def gain_text(self, key: str) -> str:
+        if self.vanilla:
+            return "(vanilla)"
+        if not self.vanilla_groups:
+            return "no vanilla run"
+        gain = self.gain(key)
+        return "-" if gain is None else gain.text()
+
+
+def _natural(overrides: tuple[str, ...]) -> list:
+    """Sort key: numbers in values compare as numbers (``T=2`` before ``T=10``)."""
+    parts = []
+    for override in overrides:
+        for piece in re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", override):
+            try:
+                parts.append((0, float(piece), ""))
+            except ValueError:
+                parts.append((1, 0.0, piece))
+        parts.append((2, 0.0, ""))
+    return parts
+
+
+@dataclass
+class Report:
+    """What a run, sweep or pipeline folder holds.
+
+    Attributes:
+        root: The folder.
+        groups: One per override group, in natural order of their overrides.
+        common: Overrides every group shares (left out of the labels).
+        pipelines: Pipeline folders below ``root``.
+    """
+
+    root: Path
+    groups: list[Group]
+    common: list[str]
+    pipelines: list[Path]
+
+    @property
+    def runs(self) -> list[Run]:
+        return [run for group in self.groups for run in group.runs]
+
+    @property
+    def unfinished(self) -> list[Run]:
+        return [run for run in self.runs if run.status != FINISHED]
+
+
+def collect(
+    root: Path,
+    vanilla_roots: Sequence[Path] = (),
+    now: float | None = None,
+    stale_after_s: float = STALE_AFTER_S,
+) -> Report:
+    """Reads every run below ``root`` and groups them; vanilla runs found below
+    ``vanilla_roots`` join as groups of their own, to compare ``root``'s methods with.
+
+    Args:
+        root: A run, sweep (multirun), pipeline or outputs folder.
+        vanilla_roots: Folders holding vanilla runs (``distiller=none``) run elsewhere.
+        now: The time runs' last writes are compared with (default: now).
+        stale_after_s: A run without ``metrics.json`` that wrote nothing for this long is
+            reported as crashed, else as running.
+    """
+    now = time.time() if now is None else now
+    own = find_runs(root)
+    extra = [run for folder in vanilla_roots for run in find_runs(folder) if run not in own]
+    differences = config_differences(own + extra)
+    runs = [read_run(run, differences[run], now, stale_after_s) for run in own]
+    runs += [
+        run
+        for run in (read_run(r, differences[r], now, stale_after_s) for r in extra)
+        if run.vanilla
+    ]
+    by_overrides: dict[tuple[str, ...], Group] = {}
+    for run in runs:
+        by_overrides.setdefault(run.overrides, Group(run.overrides)).runs.append(run)
+    groups = sorted(by_overrides.values(), key=lambda g: _natural(g.overrides))
+    common = (
+        sorted(set.intersection(*(set(g.overrides) for g in groups))) if len(groups) > 1 else []
+    )
+    for group in groups:
+        varying = [o for o in group.overrides if o not in common]
+        group.label = " ".join(varying) or " ".join(group.overrides) or "(defaults)"
+    match_vanilla(groups)
+    return Report(Path(root), groups, common, find_pipelines(root))
+
+
+def match_vanilla(groups: list[Group]) -> None:
+    """Sets each non-vanilla group's ``vanilla_groups``: the vanilla groups whose overrides
+    agree with it once the distillation keys (distiller, teacher, ...) are left out."""
+
+    def base(group: Group) -> tuple[str, ...]:
+        return tuple(o for o in group.overrides if not is_distillation_key(override_key(o)))
+
+    vanilla = defaultdict(list)
+    for group in groups:
+        if group.vanilla:
+            vanilla[base(group)].append(group)
+    for group in groups:
+        group.vanilla_groups = [] if group.vanilla else vanilla.get(base(group), [])
 
 
 def summarise(root: Path) -> tuple[list[dict], list[Path], list[str]]:
     """Rows of the table (one per override group), the unfinished runs, and the overrides
     shared by every group (left out of the rows' labels to keep them short)."""
-    groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
-    unfinished = []
-    runs = find_runs(root)
-    differences = config_differences(runs)
-    for run in runs:
-        metrics_file = run / "metrics.json"
-        if not metrics_file.is_file():
-            unfinished.append(run)
-            continue
-        overrides = stage_of(run) + overrides_of(run, fallback=differences[run])
-        groups[tuple(overrides)].append(json.loads(metrics_file.read_text()))
-    common = sorted(set.intersection(*map(set, groups))) if len(groups) > 1 else []
+    report = collect(root)
+    return table_rows(report), [run.path for run in report.unfinished], report.common
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def table_rows(report: Report) -> list[dict]:
+    """One dict per group: its label, finished runs, each metric as ``mean +- std`` in %,
+    the gains, and (where any run is unfinished) how many are running or crashed."""
+    any_unfinished = bool(report.unfinished)
     rows = []
-    for overrides, runs in sorted(groups.items()):
-        varying = [o for o in overrides if o not in common]
-        label = " ".join(varying) or ("(defaults)" if not overrides else " ".join(overrides))
-        row = {"overrides": label, "runs": len(runs)}
+    for group in report.groups:
+        row = {"overrides": group.label, "runs": len(group.finished)}
         for key, title in COLUMNS.items():
-            row[title] = mean_std([r[key] for r in runs if r.get(key) is not None])
+            row[title] = group.stat(key).text()
+        for key, title in GAIN_METRICS.items():
+            row[title] = group.gain_text(key)
+        if any_unfinished:
+            counts = [f"{group.count(s)} {s}" for s in (RUNNING, CRASHED) if group.count(s)]
+            row["unfinished"] = ", ".join(counts)
         rows.append(row)
-    return rows, unfinished, common
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
-        return "(no finished runs)"
+        return "(no runs)"
     headers = list(rows[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(row[h]) for h in headers) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
+
+
+def _age(seconds: float) -> str:
+    minutes = max(0, round(seconds / 60))
+    return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def unfinished_lines(report: Report, now: float | None = None) -> list[str]:
+    """One line per unfinished run: status, folder, group, last logged epoch, last write."""
+    now = time.time() if now is None else now
+    lines = []
+    for run in report.unfinished:
+        curve = training_curve(run.path)
+        epoch = f"last logged epoch {curve[-1][0]}, " if curve else "no epoch logged, "
+        what = [" ".join(run.overrides)] * bool(run.overrides)
+        what += [f"seed {run.seed}"] * (run.seed is not None)
+        lines.append(
+            f"- {run.status}: {_shown(run.path, report.root)} ({', '.join(what) or 'defaults'}; "
+            f"no metrics.json; {epoch}last write {_age(now - run.last_write)} ago)"
+        )
+    return lines
+
+
+def pipeline_lines(report: Report) -> list[str]:
+    """One line per pipeline folder: how many stages are done, which are not."""
+    lines = []
+    for folder in report.pipelines:
+        stages = json.loads((folder / PIPELINE_SUMMARY).read_text())["stages"]
+        done = sum(row.get("status") == "done" for row in stages)
+        pending = [r.get("folder") or r.get("stage") for r in stages if r.get("status") != "done"]
+        tail = f" (not done: {', '.join(map(str, pending))})" if pending else ""
+        lines.append(f"pipeline {folder}: {done} of {len(stages)} stages done{tail}")
+    return lines
+
+
+def markdown(report: Report, plots: list[Path] = (), out: Path | None = None) -> str:
+    """The whole ``report.md``: table, unfinished runs, pipelines, and links to ``plots``."""
+    finished = sum(len(g.finished) for g in report.groups)
+    counts = ", ".join(
+        f"{n} {status}"
+        for status, n in (
+            (FINISHED, finished),
+            (RUNNING, sum(g.count(RUNNING) for g in report.groups)),
+            (CRASHED, sum(g.count(CRASHED) for g in report.groups)),
+        )
+        if n or status == FINISHED
+    )
+    parts = [
+        f"# Runs in {report.root}",
+        f"{len(report.runs)} runs in {len(report.groups)} groups ({counts}). Top-1 and "
+        "agreement in %, mean +- std over the finished seeds of each group; test top-1 of the "
+        "checkpoint best on validation and of the last epoch. Gain: test top-1 minus that of "
+        "the vanilla student (distiller=none, same other overrides), mean +- std of the "
+        "per-seed differences where every seed has a vanilla run of its seed, else the "
+        "difference of the means (unpaired).",
+    ]
+    if report.common:
+        parts.append(f"common overrides: {' '.join(report.common)}")
+    parts.append(markdown_table(table_rows(report)))
+    if report.unfinished:
+        parts.append("## Unfinished runs\n\n" + "\n".join(unfinished_lines(report)))
+    if report.pipelines:
+        parts.append(
+            "## Pipelines\n\n" + "\n".join(f"- {line}" for line in pipeline_lines(report))
+        )
+    if plots:
+        where = out or report.root
+        parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({_shown(p, where)})" for p in plots))
+    return "\n\n".join(parts) + "\n"
+
+
+def csv_rows(report: Report) -> list[dict]:
+    """One row per group, numbers unrounded: ``<metric>_mean``, ``_std``, ``_n`` in %, the
+    gains in percentage points, and one column per override key."""
+    keys = sorted({k for g in report.groups for k in g.settings()})
+    rows = []
+    for group in report.groups:
+        row = {
+            "group": group.label,
+            "overrides": " ".join(group.overrides),
+            "vanilla": int(group.vanilla),
+            "vanilla_group": "; ".join(g.label for g in group.vanilla_groups),
+            "n_finished": len(group.finished),
+            "n_running": group.count(RUNNING),
+            "n_crashed": group.count(CRASHED),
+        }
+        settings = group.settings()
+        row.update({key: settings.get(key, "") for key in keys})
+        for key in COLUMNS:
+            stat = group.stat(key)
+            row.update({f"{key}_mean": stat.mean, f"{key}_std": stat.std, f"{key}_n": stat.n})
+        for key in GAIN_METRICS:
+            gain = None if group.vanilla else group.gain(key)
+            row[f"gain_{key}"] = gain and gain.difference
+            row[f"gain_{key}_paired_mean"] = gain and gain.paired.mean
+            row[f"gain_{key}_paired_std"] = gain and gain.paired.std
+            row[f"gain_{key}_paired_n"] = gain.paired.n if gain else ""
+        rows.append({k: "" if v is None else v for k, v in row.items()})
+    return rows
+
+
+def write_csv(report: Report, path: Path) -> None:
+    rows = csv_rows(report)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["group"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(report: Report, out: Path, plots: bool = True) -> tuple[str, list[Path]]:
+    """Writes ``report.md``, ``report.csv`` and (with ``plots``) ``plots/*.png`` into ``out``;
+    returns the markdown and the figures' paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if plots:
+        from distill_zoo import plots as plotting  # matplotlib only where figures are asked
+
+        figures = plotting.write_all(report, out / PLOTS)
+    text = markdown(report, figures, out)
+    (out / "report.md").write_text(text)
+    write_csv(report, out / "report.csv")
+    return text, figures
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distill_zoo.report", description=__doc__)
-    parser.add_argument("directory", type=Path, help="a run, sweep (multirun) or outputs folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_zoo.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        help="a run, sweep (multirun), pipeline or outputs folder",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where report.md, report.csv and plots/ go (default: directory)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no figures")
+    parser.add_argument(
+        "--vanilla",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder with vanilla runs (distiller=none) to compute gains against (repeatable)",
+    )
+    parser.add_argument(
+        "--stale-minutes",
+        type=float,
+        default=STALE_AFTER_S / 60,
+        help="an unfinished run that wrote nothing for this long is reported as crashed",
+    )
+    parser.add_argument(
+        "--softmax",
+        type=Path,
+        metavar="CKPT_OR_RUN",
+        help="draw one test image's softened prediction of this network at several T",
+    )
+    parser.add_argument("--index", type=int, default=0, help="--softmax: test image index")
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", default=None, help="--softmax: T values"
+    )
+    parser.add_argument("--top-k", type=int, default=10, help="--softmax: classes shown at most")
     args = parser.parse_args(argv)
+    if args.softmax is None and args.directory is None:
+        parser.error("give a folder to report on, or --softmax <checkpoint or run folder>")
+    if args.softmax is not None:
+        from distill_zoo import softened
+
+        try:
+            path = softened.softmax_figure_for(
+                args.softmax,
+                out=args.out,
+                index=args.index,
+                temperatures=args.temperatures or softened.TEMPERATURES,
+                top_k=args.top_k,
+            )
+        except (FileNotFoundError, IndexError, ValueError) as err:
+            parser.error(f"--softmax: {err}")
+        print(f"softened predictions: {path}")
+        if args.directory is None:
+            return
     if not args.directory.is_dir():
         parser.error(f"{args.directory} is not a folder")
-    rows, unfinished, common = summarise(args.directory)
-    if common:
-        print(f"common overrides: {' '.join(common)}\n")
-    print(markdown_table(rows))
-    for run in unfinished:
-        print(f"unfinished (no metrics.json: still running or crashed): {run}")
-    for folder in find_pipelines(args.directory):
-        stages = json.loads((folder / PIPELINE_SUMMARY).read_text())["stages"]
-        done = sum(row["status"] == "done" for row in stages)
-        print(f"pipeline {folder}: {done} of {len(stages)} stages done")
+    for folder in args.vanilla:
+        if not folder.is_dir():
+            parser.error(f"--vanilla {folder} is not a folder")
+    report = collect(args.directory, args.vanilla, stale_after_s=60 * args.stale_minutes)
+    out = args.out or args.directory
+    text, figures = write_report(report, out, plots=not args.no_plots)
+    print(text)
+    print(f"written: {out / 'report.md'}, {out / 'report.csv'}")
+    for figure in figures:
+        print(f"plot: {figure}")
 
 
 if __name__ == "__main__":
