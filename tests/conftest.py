@@ -40,6 +40,7 @@ def tiny_config(teacher_store):
                 "trainer=cpu",
                 "logger=csv",
                 "callbacks=none",
+                "report_compression=false",  # tests/test_compression.py covers it
                 f"teacher_store={teacher_store}",
                 *overrides,
             ]

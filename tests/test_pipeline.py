@@ -29,6 +29,7 @@ def tiny_overrides(teacher_store):
             "trainer=cpu",
             "logger=csv",
             "callbacks=none",
+            "report_compression=false",
             f"teacher_store={teacher_store}",
             *extra,
         ]

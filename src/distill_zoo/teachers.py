@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from distill_zoo.quantize import is_range_key
+
 log = logging.getLogger(__name__)
 
 TEACHER_FILE = "teacher.pt"
@@ -92,8 +94,9 @@ def load_weights(
     obj = read_checkpoint(path, role, config_key) if loaded is None else loaded
     state = extract_state_dict(obj, source=f"{role} checkpoint {path}")
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    # A quantized student's input ranges are absent from float checkpoints and vice versa.
+    missing = sorted(k for k in set(own) - set(state) if not is_range_key(k))
+    unexpected = sorted(k for k in set(state) - set(own) if not is_range_key(k))
     wrong_shape = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in sorted(own.keys() & state.keys())
@@ -114,7 +117,7 @@ def load_weights(
             f"Check that {role.split()[0]}=<arch> names the architecture the checkpoint was "
             "trained as, and that the data set has the same number of classes"
         )
-    model.load_state_dict(state)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model
 
 
@@ -134,6 +137,7 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
         ckpt_path=None,
         init_from=None,
         pipeline=None,
+        quantize=None,  # a teacher trained on demand is a float network
     )
     # The teacher cache and its replayed augmentations speed up distillation; the teacher
     # itself trains on fresh augmentations and has no teacher to cache.

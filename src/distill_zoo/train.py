@@ -13,10 +13,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distill_zoo import speed, teachers
+from distill_zoo import compression, speed, teachers
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
 from distill_zoo.module import DistillationModule
+from distill_zoo.quantize import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,11 @@ def count_parameters(model: nn.Module | None) -> int | None:
     return None if model is None else sum(p.numel() for p in model.parameters())
 
 
+def quant_spec(cfg: DictConfig) -> QuantSpec | None:
+    """The quantized-student spec of ``cfg.quantize``; ``None`` for a float student."""
+    return instantiate(cfg.quantize) if cfg.get("quantize") else None
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:
     """The set-up data module and the DistillationModule that ``cfg`` describes, ready to fit
     (teachers named without a checkpoint are trained or taken from the cache here)."""
@@ -229,6 +235,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:
     # Re-seed: the student starts the same whether its teacher was just trained or cached.
     L.seed_everything(cfg.seed, workers=True)
     student = build_model(cfg.student, num_classes, in_channels)
+    quant = quant_spec(cfg)
+    if quant is not None:  # before the taps: layers are swapped in place, names kept
+        quant.prepare(student, _example_input(datamodule))
     context = DistillContext(
         student_stages=list(cfg.student.get("feature_layers") or []),
         teacher_stages=teacher_stages(cfg, teacher),
@@ -310,6 +319,16 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         "last_checkpoint": last_path,
     }
     if trainer.is_global_zero:
+        # The student holds the best checkpoint's weights after the last test.
+        if cfg.get("report_compression", True):
+            metrics[compression.METRICS_KEY] = compression.compression_report(
+                module.student, module.teacher, _example_input(datamodule), repeats=5, warmup=1
+            )
+            log.info("compression:\n%s", compression.format_report(metrics["compression"]))
+        quant = quant_spec(cfg)
+        if quant is not None:
+            quantized = quant.report(module.student, datamodule)
+            metrics.setdefault(compression.METRICS_KEY, {})["quantized"] = quantized
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("metrics: %s", json.dumps(metrics))
         log.info(summary(metrics))
