@@ -51,13 +51,51 @@ def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Floating dtypes that :func:`fp32` upcasts (float64 inputs are left as they are)."""
+
+
+def _upcast(value):
+    """``value`` with its fp16/bf16 tensors (also inside a list or tuple) as fp32."""
+    if isinstance(value, Tensor):
+        return value.float() if value.dtype in LOW_PRECISION else value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # not namedtuples
+        return type(value)(_upcast(v) for v in value)
+    return value
+
+
+def _first_tensor(values) -> Tensor | None:
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, (list, tuple)):
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
 def fp32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Runs ``loss`` with autocast disabled on the device of its first tensor argument."""
+    """Runs ``loss`` in fp32 under mixed precision (``torch.autocast``).
+
+    Two things are needed, and this does both: every fp16/bf16 tensor argument (positional
+    or keyword, also inside a list or tuple) is upcast to fp32, since disabling autocast alone
+    leaves tensors that a bf16 layer produced in bf16; and autocast is disabled on the device
+    of the first tensor argument, since under it even fp32 inputs of a matrix product
+    (Gram, FSP and kernel matrices) are computed in bf16/fp16. Softened softmaxes at high
+    temperature and small relational differences need fp32 to keep their small terms.
+    Gradients flow back to the low-precision inputs unchanged (``.float()`` is
+    differentiable).
+    """
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs) -> Tensor:
-        device = next(a.device.type for a in args if isinstance(a, Tensor))
-        with torch.autocast(device_type=device, enabled=False):
+        args = tuple(_upcast(a) for a in args)
+        kwargs = {name: _upcast(value) for name, value in kwargs.items()}
+        tensor = _first_tensor((*args, *kwargs.values()))
+        if tensor is None or not torch.amp.is_autocast_available(tensor.device.type):
+            return loss(*args, **kwargs)
+        with torch.autocast(device_type=tensor.device.type, enabled=False):
             return loss(*args, **kwargs)
 
     return wrapper

@@ -13,11 +13,13 @@ from distill_zoo.losses.common import (
     as_list,
     check_formulation,
     check_pairs,
+    fp32,
     match_spatial,
     zero_loss,
 )
 
 
+@fp32
 def hint_loss(
     student_hint: Tensor, teacher_hint: Tensor, formulation: str = "repdistiller"
 ) -> Tensor:
@@ -47,6 +49,7 @@ def hint_loss(
     return 0.5 * diff.pow(2).sum() / diff.shape[0]
 
 
+@fp32
 def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
     """Activation-based spatial attention ``Q = mean_c |A_c|^p``, flattened to ``[B, H*W]`` and
     L2-normalised per sample (Zagoruyko & Komodakis, ICLR 2017, Sec. 3.1; the mean over
@@ -55,6 +58,7 @@ def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(q, p=2.0, dim=1)
 
 
+@fp32
 def at_loss(
     student_features: Tensor | Sequence[Tensor],
     teacher_features: Tensor | Sequence[Tensor],
@@ -93,6 +97,7 @@ def at_loss(
     return total
 
 
+@fp32
 def ab_loss(
     student_preacts: Tensor | Sequence[Tensor],
     teacher_preacts: Tensor | Sequence[Tensor],
@@ -140,6 +145,7 @@ def ab_loss(
     return total
 
 
+@fp32
 def factor(feature: Tensor, formulation: str = "repdistiller") -> Tensor:
     """A factor as one unit vector per sample (Kim et al., NeurIPS 2018, Eq. 2's
     ``F / ||F||_2``): ``paper`` flattens the whole ``[B, C, H, W]`` factor; ``repdistiller``
@@ -151,6 +157,7 @@ def factor(feature: Tensor, formulation: str = "repdistiller") -> Tensor:
     return F.normalize(f.flatten(1), p=2.0, dim=1)
 
 
+@fp32
 def ft_loss(
     student_factor: Tensor, teacher_factor: Tensor, formulation: str = "repdistiller"
 ) -> Tensor:
@@ -181,6 +188,7 @@ def ft_loss(
     return diff.mean() if formulation == "repdistiller" else diff.sum(dim=1).mean()
 
 
+@fp32
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     """Flow of solution procedure (FSP) matrix of two layers of one network (Yim et al.,
     CVPR 2017, Eq. 1): ``G[b, i, j] = 1/(h*w) * sum_{s,t} F1[b, i, s, t] * F2[b, j, s, t]``.
@@ -195,6 +203,7 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / positions
 
 
+@fp32
 def fsp_loss(
     student_features: Sequence[Tensor],
     teacher_features: Sequence[Tensor],
@@ -244,6 +253,7 @@ def _poly_kernel_mean(a: Tensor, b: Tensor, degree: int, c: float) -> Tensor:
     return (torch.bmm(a, b.transpose(1, 2)) + c).pow(degree).mean(dim=(1, 2))
 
 
+@fp32
 def nst_loss(
     student_features: Tensor | Sequence[Tensor],
     teacher_features: Tensor | Sequence[Tensor],
@@ -325,6 +335,7 @@ def ofd_margin(bn_weight: Tensor, bn_bias: Tensor | None = None, min_mass: float
     return margin.to(bn_weight.dtype)
 
 
+@fp32
 def ofd_loss(
     student_preacts: Tensor | Sequence[Tensor],
     teacher_preacts: Tensor | Sequence[Tensor],
@@ -380,6 +391,7 @@ HCL_LEVELS = (4, 2, 1)
 """Pooled resolutions of ReviewKD's hierarchical context loss (the authors' code)."""
 
 
+@fp32
 def hcl_loss(
     student_features: Tensor | Sequence[Tensor],
     teacher_features: Tensor | Sequence[Tensor],
@@ -403,11 +415,6 @@ def hcl_loss(
     """
     student, teacher = as_list(student_features), as_list(teacher_features)
     check_pairs(student, teacher, "hcl_loss")
-    with torch.autocast(device_type=student[0].device.type, enabled=False):
-        return _hcl_fp32(student, teacher, levels)
-
-
-def _hcl_fp32(student: list[Tensor], teacher: list[Tensor], levels: Sequence[int]) -> Tensor:
     total = zero_loss(student[0])
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if s.shape != t.shape:

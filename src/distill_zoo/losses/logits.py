@@ -11,6 +11,7 @@ from torch import Tensor
 from distill_zoo.losses.common import check_logits, check_targets, check_temperature, fp32
 
 
+@fp32
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton et al., "Distilling the Knowledge in a Neural Network" (NIPS-W 2014),
     https://arxiv.org/abs/1503.02531.
@@ -37,6 +38,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return kl * temperature**2
 
 
+@fp32
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy with the hard labels, in fp32."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -52,6 +54,7 @@ TF_KD_FORMULATIONS = ("official", "paper")
 hyper-parameters belong to; ``paper``: the formula as the Tf-KD paper writes it."""
 
 
+@fp32
 def standardize_logits(logits: Tensor, unbiased: bool = True, eps: float = 1e-7) -> Tensor:
     """Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024),
     https://arxiv.org/abs/2403.01427.
@@ -200,6 +203,7 @@ def nckd_loss(
     return _reduce_kl(others_s, others_t, reduction) * temperature**2
 
 
+@fp32
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -229,6 +233,7 @@ def dkd_loss(
     return alpha * tckd + beta * nckd
 
 
+@fp32
 def pearson_correlation(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     """Row-wise Pearson correlation of two ``[N, D]`` tensors: the cosine similarity of the
     mean-centred rows, ``<a_c, b_c> / (||a_c|| * ||b_c|| + eps)`` (``eps`` as in the DIST
@@ -292,7 +297,8 @@ def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float) -> T
     if not 0 < correct_prob < 1:
         raise ValueError(f"the correct-class probability must be in (0, 1), got {correct_prob}")
     off = (1 - correct_prob) / (num_classes - 1)
-    probs = torch.full((targets.shape[0], num_classes), off, device=targets.device)
+    shape = (targets.shape[0], num_classes)  # fp32 even where the default dtype is not
+    probs = torch.full(shape, off, dtype=torch.float32, device=targets.device)
     return probs.scatter(1, targets.view(-1, 1), correct_prob)
 
 
@@ -368,6 +374,7 @@ def ctkd_lambda(
     return lambda_min + (lambda_max - lambda_min) * ramp
 
 
+@fp32
 def ctkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor) -> Tensor:
     """Hinton's KD term with a learnable temperature (Li et al., "Curriculum Temperature for
     Knowledge Distillation", AAAI 2023, https://arxiv.org/abs/2211.16231):
@@ -397,8 +404,7 @@ def ctkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: Tenso
             f"ctkd_loss needs one temperature or one per sample ({batch}), got shape "
             f"{tuple(temperature.shape)}"
         )
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
-        log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True)
-        return (kl * t.pow(2)).sum() / batch
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True)
+    return (kl * t.pow(2)).sum() / batch

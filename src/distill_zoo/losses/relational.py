@@ -250,6 +250,7 @@ def darkrank_scores(embeddings: Tensor, alpha: float = 3.0, beta: float = 3.0) -
     return -alpha * _distances(flat_fp32(embeddings)).pow(beta)
 
 
+@fp32
 def plackett_luce_log_prob(ordered_scores: Tensor) -> Tensor:
     """``log P(pi | S)`` of the Plackett-Luce (permutation) model, where ``ordered_scores``
     holds the scores in the order ``pi`` ranks them (best first) along the last dimension:
