@@ -109,6 +109,14 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.distiller = distiller
+        # Buffers a distiller keeps identical on every rank itself (CRD's memory banks): DDP
+        # need not broadcast them from rank 0 before every step (51 MB for CIFAR-100).
+        self._ddp_params_and_buffers_to_ignore = [
+            f"distiller.{prefix}{'.' if prefix else ''}{name}"
+            for prefix, part in distiller.named_modules()
+            if hasattr(part, "replicated_buffers")
+            for name in part.replicated_buffers()
+        ]
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -188,7 +196,8 @@ class DistillationModule(L.LightningModule):
         for name, value in self.distiller.monitored().items():
             self.log(f"train/{name}", value)
         if self.teacher_cache is not None:
-            self.log("train/teacher_cache_hit_rate", self.teacher_cache.hit_rate())
+            rate = self.teacher_cache.hit_rate()
+            self.log("train/teacher_cache_hit_rate", rate, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.

@@ -183,7 +183,7 @@ def cached_teacher(cfg: DictConfig) -> Path:
         best = extract_state_dict(
             torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
         )
-        tmp = cached.with_suffix(".tmp")
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # one per DDP process
         torch.save(best, tmp)
         tmp.replace(cached)  # atomic: a crash never leaves a half-written teacher
     else:

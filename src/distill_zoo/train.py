@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -155,7 +157,33 @@ class LastCheckpoint(ModelCheckpoint):
         return type(self).__name__
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+def ddp_strategy(cfg: DictConfig, module: DistillationModule) -> dict:
+    """``strategy=ddp_find_unused_parameters_true`` where plain DDP would fail: a stage that
+    trains only part of the model (hints alone), or labels-only epochs after distillation
+    while the distiller has trainable parts. Also refuses SyncBatchNorm without a GPU."""
+    trainer = cfg.trainer
+    if trainer.get("sync_batchnorm") and (
+        trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    ):
+        raise ValueError(
+            "trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU "
+            "kernel): set trainer.sync_batchnorm=false for CPU processes"
+        )
+    if trainer.get("strategy") != "ddp":
+        return {}
+    distiller = module.distiller
+    idle_parts = cfg.get("distill_epochs") is not None and any(
+        p.requires_grad for p in distiller.parameters()
+    )
+    if distiller.trains_only_part() or idle_parts:
+        log.info("DDP looks for unused parameters: parts of the model get no gradient")
+        return {"strategy": "ddp_find_unused_parameters_true"}
+    return {}
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list, module: DistillationModule | None = None
+) -> L.Trainer:
     loggers = [
         instantiate(node, save_dir=str(run_dir / "logs"))
         for node in (cfg.get("logger") or {}).values()
@@ -182,6 +210,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     last = LastCheckpoint(dirpath=run_dir / "checkpoints")
     return instantiate(
         cfg.trainer,
+        **(ddp_strategy(cfg, module) if module is not None else {}),
         max_epochs=cfg.epochs,
         default_root_dir=str(run_dir),
         logger=loggers or False,
@@ -282,13 +311,14 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     warn_about_schedule(cfg)
 
     datamodule, module = build(cfg)
-    trainer = build_trainer(cfg, run_dir, callbacks or [])
+    trainer = build_trainer(cfg, run_dir, callbacks or [], module)
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
     )

@@ -92,6 +92,9 @@ class AB(Distiller):
             for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
         )
 
+    def trains_only_part(self) -> bool:
+        return self.ab_only
+
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student = [
             connect(out.student_features[name])

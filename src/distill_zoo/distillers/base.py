@@ -130,6 +130,11 @@ class Distiller(nn.Module):
             pairs = [(embedding(s), embedding(t)) for s, t in pairs]
         return pairs
 
+    def trains_only_part(self) -> bool:
+        """Whether some trainable parameters get no gradient in this distiller's steps (an
+        init stage that trains hints alone); DDP must then look for unused parameters."""
+        return False
+
     def monitored(self) -> dict[str, Tensor]:
         """Values worth watching that are not loss terms (a learned temperature); the module
         logs each as ``train/<name>`` once per epoch. None by default."""

@@ -15,7 +15,11 @@ from distill_zoo.distillers.base import (
 )
 from distill_zoo.distillers.crd_memory import NegativeSampler, init_memory_bank
 from distill_zoo.distillers.layers import PENULTIMATE, embedding, penultimate_layer
+from distill_zoo.distributed import all_gather_rows, all_reduce_mean
 from distill_zoo.losses import crd_logits, crd_nce_loss, crd_normaliser
+
+_FP32_BUFFERS = ("memory_student", "memory_teacher", "z_student", "z_teacher")
+"""Buffers kept in fp32 whatever the model is cast to (see ``CRD._apply``)."""
 
 
 class CRD(Distiller):
@@ -47,8 +51,18 @@ class CRD(Distiller):
     sample but the positive. Distinct negatives per anchor where enough exist, as in the
     reference's data set; ``replacement=True`` draws with replacement (cheaper on huge sets).
 
-    Multi-GPU: each process updates the banks with its own batch only; gathering embeddings and
-    indices across processes before :meth:`update_memory` is left to the DDP work.
+    Multi-GPU (DDP): every process sees a different batch, yet the banks must stay one memory.
+    :meth:`update_memory` all-gathers the indices and both embeddings of every process and
+    applies the concatenation, in rank order, on every rank, so the banks stay bit-identical
+    across ranks and equal to one process's banks fed the concatenated batches; ``Z`` is
+    estimated from the whole first global batch (an all-reduced mean), so every rank uses the
+    same ``Z``. Each rank draws negatives for its own anchors. (Without the gather, each rank's
+    banks would only ever see its own batches, and DDP's default per-step broadcast of buffers
+    would replace them all with rank 0's: most rows would lag or never move.) Per step under
+    DDP this costs two all-gathers (indices, embeddings) and two tiny collectives (the ranks'
+    batch sizes, read on the host, and ``Z``'s all-reduce); one process pays nothing.
+    The banks and ``Z`` stay fp32 under any precision, including a whole-model cast such as
+    ``precision=bf16-true``.
 
     Args:
         student: The student network (read for shapes only).
@@ -144,6 +158,14 @@ class CRD(Distiller):
     def layers(self) -> tuple[list[str], list[str]]:
         return [self.student_layer], [self.teacher_layer]
 
+    def replicated_buffers(self) -> list[str]:
+        """Names of the buffers that stay identical on every DDP rank without DDP's help: all
+        of them (banks updated from all ranks' batches, an all-reduced ``Z``, sampler tables
+        derived from the labels). A wrapper may exclude them from DDP's per-step broadcast
+        from rank 0, which would otherwise resend both banks (``2 x N x embed_dim`` floats)
+        before every step."""
+        return [name for name, _ in self.named_buffers()]
+
     def embed(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
         """L2-normalised fp32 ``[B, embed_dim]`` embeddings of the student and the teacher."""
         student = self.embed_student(embedding(out.student_features[self.student_layer]))
@@ -174,10 +196,18 @@ class CRD(Distiller):
     ) -> tuple[Tensor, Tensor]:
         """``Z`` of each side: estimated from the first batch, then fixed (the reference's way).
 
-        Branch-free (``torch.where``), so no step waits for a device-to-host read.
+        Under DDP the first batch is the global one: the ranks' estimates are averaged, each
+        weighted by its batch size, so all ranks hold the same ``Z``. Branch-free
+        (``torch.where``), so no step waits for a device-to-host read.
         """
-        for buffer, logits in ((self.z_student, student_logits), (self.z_teacher, teacher_logits)):
-            estimate = crd_normaliser(logits, self.num_train_samples)
+        estimates = torch.stack(
+            [
+                crd_normaliser(student_logits, self.num_train_samples),
+                crd_normaliser(teacher_logits, self.num_train_samples),
+            ]
+        )
+        estimates = all_reduce_mean(estimates, weight=student_logits.shape[0])
+        for buffer, estimate in zip((self.z_student, self.z_teacher), estimates, strict=True):
             buffer.copy_(torch.where(self.z_ready, buffer, estimate))
         self.z_ready.fill_(True)
         return self.z_student.clone(), self.z_teacher.clone()
@@ -188,14 +218,40 @@ class CRD(Distiller):
         them: ``row = normalise(momentum * row + (1 - momentum) * v)``; other rows stay as
         they are. Called after the loss has read the banks, as in the reference.
 
-        Single-process: under DDP each process would update with its own batch only. All-gathering
-        ``indices``, ``v_s`` and ``v_t`` across processes here is what keeps the banks identical
-        on every rank (left to the DDP work).
+        Under DDP, ``indices``, ``v_s`` and ``v_t`` of all processes are all-gathered first
+        (batches may differ in size) and every rank applies the same concatenated update, so
+        the banks stay identical on every rank. A sample present twice (a distributed sampler
+        pads the last shard with repeated samples) is moved once, towards its last embedding
+        in rank order, so the result never depends on the order of duplicate writes.
+        Embeddings of any precision are cast to the banks' fp32.
         """
-        for bank, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+        v = torch.cat([v_s, v_t], dim=1).to(self.memory_student.dtype)
+        indices, v = all_gather_rows(indices.to(self.memory_student.device, torch.long), v)
+        v = v.index_select(0, _last_occurrence(indices))
+        v_s, v_t = v.split([self.memory_student.shape[1], self.memory_teacher.shape[1]], dim=1)
+        for bank, update in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
             rows = bank.index_select(0, indices).mul_(self.momentum)
-            rows.add_(v.detach().to(bank.dtype), alpha=1 - self.momentum)
+            rows.add_(update, alpha=1 - self.momentum)
             bank.index_copy_(0, indices, F.normalize(rows, dim=1))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves the banks and ``Z`` with the module, but keeps them fp32 through casts of the
+        whole model (``.half()``, Lightning's ``bf16-true``): rounding would blur every row."""
+        kept = {name: self._buffers[name] for name in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
+        return self
+
+
+def _last_occurrence(indices: Tensor) -> Tensor:
+    """For each position of ``indices``, the last position holding the same value (itself
+    when the value is unique), without a device-to-host read."""
+    positions = torch.arange(len(indices), device=indices.device)
+    same = indices.unsqueeze(0) == indices.unsqueeze(1)
+    return torch.where(same, positions.unsqueeze(0), -1).amax(dim=1)
 
 
 def _one_layer(

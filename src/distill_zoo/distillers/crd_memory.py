@@ -115,7 +115,9 @@ class NegativeSampler(nn.Module):
 
     def _without_replacement(self, indices: Tensor) -> Tensor:
         # The K smallest of uniform keys over the allowed samples: a uniform K-subset.
-        keys = torch.rand(len(indices), self.num_train_samples, device=indices.device)
+        keys = torch.rand(  # fp32 even under bf16-true: bf16 ties would bias the choice
+            len(indices), self.num_train_samples, device=indices.device, dtype=torch.float32
+        )
         keys = keys.masked_fill(self._excluded(indices), 2.0)
         return keys.topk(self.num_negatives, dim=1, largest=False).indices
 

@@ -146,6 +146,9 @@ class FitNets(Distiller):
             )
         self.regressor = HintRegressor(s_shape, t_shape, relu=regressor_relu)
 
+    def trains_only_part(self) -> bool:
+        return self.hint_only
+
     def layers(self) -> tuple[list[str], list[str]]:
         return [self.student_layer], [self.teacher_layer]
 

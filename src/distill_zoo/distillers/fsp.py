@@ -114,6 +114,9 @@ class FSP(Distiller):
                     "pick other layers"
                 )
 
+    def trains_only_part(self) -> bool:
+        return self.fsp_only
+
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student = [
             connect(out.student_features[name])

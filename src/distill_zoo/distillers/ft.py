@@ -140,6 +140,9 @@ class FT(Distiller):
             raise ValueError(f"FT uses one {role} layer, but {names} were chosen")
         return names
 
+    def trains_only_part(self) -> bool:
+        return self.mode == "paraphraser"
+
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         teacher = out.teacher_features[self.teacher_layers[0]]
         if self.mode == "paraphraser":
