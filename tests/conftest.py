@@ -26,6 +26,17 @@ def teacher_store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teachers")
 
 
+TINY = [
+    "data=synthetic",
+    "student=resnet8",
+    "teacher=resnet14",
+    "trainer=cpu",
+    "logger=csv",
+    "callbacks=none",
+]
+"""Overrides of a few-second run: resnet14 teaches resnet8 on 16x16 synthetic images."""
+
+
 @pytest.fixture
 def tiny_config(teacher_store):
     """Composes the real config tree for a few-second run on synthetic data."""
@@ -33,13 +44,8 @@ def tiny_config(teacher_store):
     def make(*overrides: str):
         return compose(
             [
-                "data=synthetic",
-                "student=resnet8",
-                "teacher=resnet14",
+                *TINY,
                 "epochs=2",
-                "trainer=cpu",
-                "logger=csv",
-                "callbacks=none",
                 "report_compression=false",  # tests/test_compression.py covers it
                 f"teacher_store={teacher_store}",
                 *overrides,
@@ -47,6 +53,16 @@ def tiny_config(teacher_store):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, teacher_store):
+    """One finished 1-epoch KD run, ``(run dir, metrics)``, for tests that read a run."""
+    from distill_zoo import train
+
+    cfg = compose([*TINY, "epochs=1", f"teacher_store={teacher_store}"])
+    run_dir = tmp_path_factory.mktemp("finished_run")
+    return run_dir, train.run(cfg, run_dir)
 
 
 class Interrupt(L.Callback):

@@ -8,28 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo import compression, train
-from distill_zoo.config import compose
+from distill_zoo import compression
 from distill_zoo.models import create_model
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, teacher_store):
-    """One tiny distillation run (resnet14 teaches resnet8 on synthetic 16x16 images)."""
-    cfg = compose(
-        [
-            "data=synthetic",
-            "student=resnet8",
-            "teacher=resnet14",
-            "epochs=1",
-            "trainer=cpu",
-            "logger=csv",
-            "callbacks=none",
-            f"teacher_store={teacher_store}",
-        ]
-    )
-    run_dir = tmp_path_factory.mktemp("run")
-    return run_dir, train.run(cfg, run_dir)
 
 
 @pytest.mark.parametrize(
@@ -202,5 +182,6 @@ def test_every_run_writes_the_report_into_its_metrics(finished_run):
     assert report["student"]["params"] == metrics["student_params"]
     assert report["teacher"]["params"] == metrics["teacher_params"]
     assert report["teacher_over_student"]["params"] == pytest.approx(
-        metrics["teacher_params"] / metrics["student_params"], abs=1e-4  # rounded to 4 places
+        metrics["teacher_params"] / metrics["student_params"],
+        abs=1e-4,  # rounded to 4 places
     )

@@ -11,29 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo import export, train
-from distill_zoo.config import compose
+from distill_zoo import export
 from distill_zoo.models import create_model
 from distill_zoo.teachers import extract_state_dict
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, teacher_store):
-    """One tiny KD run (resnet14 teaches resnet8 on synthetic 16x16 images, 4 classes)."""
-    cfg = compose(
-        [
-            "data=synthetic",
-            "student=resnet8",
-            "teacher=resnet14",
-            "epochs=1",
-            "trainer=cpu",
-            "logger=csv",
-            "callbacks=none",
-            f"teacher_store={teacher_store}",
-        ]
-    )
-    run_dir = tmp_path_factory.mktemp("run")
-    return run_dir, train.run(cfg, run_dir)
 
 
 def _student_from(checkpoint) -> nn.Module:

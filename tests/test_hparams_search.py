@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -60,13 +61,8 @@ def test_two_trial_search_writes_best_params(tmp_path, teacher_store):
             choose("kd_optuna"),
             "hydra.sweeper.n_trials=2",
             f"hydra.sweep.dir={sweep}",
-            "data=synthetic",
-            "student=resnet8",
-            "teacher=resnet14",
+            *TINY,
             "epochs=1",
-            "trainer=cpu",
-            "logger=csv",
-            "callbacks=none",
             f"teacher_store={teacher_store}",
         ],
         cwd=tmp_path,

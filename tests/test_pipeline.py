@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from conftest import TINY
 from omegaconf import OmegaConf
 
 from distill_zoo import pipeline, train
@@ -22,17 +23,7 @@ PIPELINES = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
 @pytest.fixture
 def tiny_overrides(teacher_store):
     def make(*extra: str) -> list[str]:
-        return [
-            "data=synthetic",
-            "student=resnet8",
-            "teacher=resnet14",
-            "trainer=cpu",
-            "logger=csv",
-            "callbacks=none",
-            "report_compression=false",
-            f"teacher_store={teacher_store}",
-            *extra,
-        ]
+        return [*TINY, "report_compression=false", f"teacher_store={teacher_store}", *extra]
 
     return make
 

@@ -296,7 +296,7 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _int8_context() -> Iterator[None]:
+def int8_inference() -> Iterator[None]:
     """Around conversion and int8 inference: torch.ao's notices silenced (deprecated in favour
     of torchao; reduce_range; cat of differently quantized inputs), and deterministic mode
     (``trainer=cpu``) off, since int8 CPU ops resize their outputs (and would raise)."""
@@ -341,7 +341,7 @@ def _prepare_fx(model: nn.Module, example: Tensor, backend: str) -> nn.Module:
 
 def check_convertible(model: nn.Module, example: Tensor, backend: str = "x86") -> None:
     """Fails now, not after training, if :func:`convert_int8` could not convert ``model``."""
-    with _int8_context():
+    with int8_inference():
         _prepare_fx(model, example[:1], backend)
 
 
@@ -366,7 +366,7 @@ def convert_int8(model: nn.Module, calibration: Iterable[Tensor], backend: str =
     first = next(batches, None)
     if first is None:
         raise ValueError("int8 conversion needs at least one calibration batch")
-    with _int8_context(), torch.no_grad():
+    with int8_inference(), torch.no_grad():
         prepared = _prepare_fx(model, first, backend)
         for images in (first, *batches):
             prepared(images.cpu().float())
@@ -437,7 +437,7 @@ def float_and_int8_report(
         if model is None:
             continue
         model = model.cpu().eval()
-        with _int8_context():
+        with int8_inference():
             row = {
                 "acc1": evaluate(model, batches),
                 "weights_file_bytes": weights_file_bytes(model),
