@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from distill_zoo.report import collect, main, summarise, training_curve
+from distill_zoo.report import collect, main, summarise
+from distill_zoo.runs import training_curve
 
 VANILLA = "distill_zoo.distillers.CrossEntropyOnly"
 KD = "distill_zoo.distillers.KD"

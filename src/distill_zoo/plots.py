@@ -18,11 +18,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from distill_zoo.report import (
+from distill_zoo.report import Group, Report
+from distill_zoo.runs import (
     CRASHED,
     FINISHED,
-    Group,
-    Report,
     is_distillation_key,
     override_key,
     training_curve,

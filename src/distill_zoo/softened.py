@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distill_zoo import teachers
-from distill_zoo.report import PLOTS
+from distill_zoo.runs import PLOTS
 from distill_zoo.train import build_model
 
 log = logging.getLogger(__name__)
