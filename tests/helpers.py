@@ -3,6 +3,7 @@ importable as ``from helpers import ...``)."""
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -58,3 +59,20 @@ def distill_step(
 def has_grad(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` received a non-zero gradient."""
     return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU Lightning Trainer that writes nothing and prints nothing (no logger,
+    checkpoints, progress bar, model summary or sanity validation); ``kwargs`` add or
+    override arguments."""
+    return L.Trainer(
+        **{
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **kwargs,
+        }
+    )

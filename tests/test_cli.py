@@ -7,16 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY as TINY_RUN
 
-TINY = [
-    "data=synthetic",
-    "student=resnet8",
-    "teacher=resnet14",
-    "trainer=cpu",
-    "logger=csv",
-    "callbacks=none",
-    "epochs=1",
-]
+TINY = [*TINY_RUN, "epochs=1"]
 
 
 def cli(*args: str, cwd: Path, module: str = "distill_zoo") -> subprocess.CompletedProcess:

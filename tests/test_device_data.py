@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 from scipy.stats import chi2_contingency, chisquare
 from torchvision.transforms.v2 import functional as TF
 
@@ -370,16 +371,7 @@ class Recorder(L.LightningModule):
 
 def fit(dm, epochs: int, model: Recorder | None = None, **kwargs) -> tuple[Recorder, L.Trainer]:
     model = model or Recorder(dm.in_channels * math.prod(dm.image_size), dm.num_classes)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, **kwargs)
     trainer.fit(model, datamodule=dm)
     return model, trainer
 
@@ -413,15 +405,7 @@ def test_a_resumed_fit_sees_the_batches_of_an_uninterrupted_one(tmp_path):
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = Recorder(3 * 16 * 16, 4)
     torch.manual_seed(123)  # a different global RNG state must not matter
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(resumed, datamodule=module(), ckpt_path=tmp_path / "epoch1.ckpt")
     assert list(resumed.seen) == [1]
     for (a, _), (b, _) in zip(uninterrupted.seen[1], resumed.seen[1], strict=True):

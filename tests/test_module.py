@@ -2,6 +2,7 @@
 
 import lightning as L
 import torch
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -43,14 +44,7 @@ def make_module(teacher: nn.Module | None, distiller_cls=KD) -> DistillationModu
 
 def fit(module: DistillationModule, steps: int = 6) -> L.Trainer:
     train, val = loaders()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=steps, num_sanity_val_steps=2)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return trainer
 

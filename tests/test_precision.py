@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer
 from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -364,17 +365,12 @@ def fit_two_steps(
     student's logits came out in."""
     recorder, dtypes = StepLosses(), set()
     hook = module.student.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,
         max_steps=2,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[recorder],
     )
     loader = DataLoader(tiny_data(), batch_size=8, shuffle=True)

@@ -4,9 +4,9 @@ DistillationModule, rounds to the promised grids, and converts to a smaller int8
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
@@ -54,16 +54,7 @@ def distil(student: nn.Module, distiller_cls, dm: SyntheticDataModule, steps: in
         scheduler=None,
         num_classes=4,
     )
-    L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    ).fit(module, datamodule=dm)
+    quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=dm)
     return module
 
 
