@@ -76,3 +76,15 @@ def quiet_trainer(**kwargs) -> L.Trainer:
             **kwargs,
         }
     )
+
+
+def conv_net(width: int, classes: int = 4) -> nn.Module:
+    """A tiny CNN: conv, BatchNorm, ReLU, pooling, linear head (3-channel inputs)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, classes),
+    )

@@ -2,23 +2,12 @@
 
 import lightning as L
 import torch
-from helpers import quiet_trainer
+from helpers import conv_net, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill_zoo.distillers import KD, CrossEntropyOnly, DistillContext
 from distill_zoo.module import DistillationModule
-
-
-def conv_net(width: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 4),
-    )
 
 
 def loaders(n: int = 64) -> tuple[DataLoader, DataLoader]:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import conv_net
 from torch import nn
 
 from distill_zoo.distillers import KD, DistillContext
@@ -11,17 +12,6 @@ from distill_zoo.distillers.fitnets import FitNets
 from distill_zoo.module import DistillationModule
 from distill_zoo.teacher_cache import TeacherOutputCache
 from distill_zoo.train import run
-
-
-def conv_net(width: int, classes: int = 4) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, classes),
-    )
 
 
 class CountingTeacher(nn.Module):
