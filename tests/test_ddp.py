@@ -305,6 +305,13 @@ RUNS = {
     **{name: [f"distiller={name}", *SMALL.get(name, [])] for name in DISTILLERS},
     "fitnets_hint_only": ["distiller=fitnets", "distiller.hint_only=true"],
     "fitnets_distill_epochs": ["distiller=fitnets", "epochs=2", "distill_epochs=1"],
+    "kd_teacher_cache": [
+        "distiller=kd",
+        "speed.teacher_cache=true",
+        "data.augment_rounds=1",
+        "trainer.limit_train_batches=1.0",  # every sample once
+        "data.num_samples=120",  # 108 training samples: equal shards, no padded repeats
+    ],
 }
 SYNC_BN = ["distiller=fitnets", "trainer.sync_batchnorm=true"]  # its regressor has a BN too
 CPU_REFUSES_SYNC_BN = r"(?i)sync_?batch_?norm.*gpu"  # PyTorch's SyncBatchNorm: no CPU kernel
@@ -346,6 +353,8 @@ def recorder():
                 student={k: v.clone() for k, v in module.student.state_dict().items()},
                 distiller={k: v.clone() for k, v in module.distiller.state_dict().items()},
             )
+            if module.teacher_cache is not None:
+                self.state["cache_keys"] = module.teacher_cache.keys.clone()
 
     return Record()
 
@@ -402,6 +411,13 @@ def test_every_distiller_trains_under_lightning_ddp(lightning_ranks, name):
 @pytest.mark.parametrize("name", ["fitnets_hint_only", "fitnets_distill_epochs"])
 def test_partial_training_finds_unused_parameters_by_itself(lightning_ranks, name):
     check_in_sync(lightning_ranks / name)
+
+
+def test_teacher_cache_holds_every_ranks_samples_on_every_rank(lightning_ranks):
+    check_in_sync(lightning_ranks / "kd_teacher_cache")
+    a, b = load_ranks(lightning_ranks / "kd_teacher_cache")
+    assert torch.equal(a["cache_keys"], b["cache_keys"])
+    assert (a["cache_keys"] >= 0).all()  # one epoch filled it with both ranks' shards
 
 
 def test_sync_batchnorm_is_a_switch(lightning_ranks):

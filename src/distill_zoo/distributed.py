@@ -55,6 +55,8 @@ def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     dist.all_gather(counts, count)
     counts = torch.cat(counts).tolist()
     longest = max(counts)
+    if longest == 0:
+        return tuple(t.detach() for t in tensors)
     gathered = []
     for tensor in tensors:
         padded = tensor.detach()

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill_zoo.distillers.base import Distiller, StepOutputs
+from distill_zoo.distributed import all_gather_rows
 from distill_zoo.features import FeatureTap
 from distill_zoo.losses import cross_entropy
 from distill_zoo.teacher_cache import TeacherOutputCache
@@ -172,14 +173,16 @@ class DistillationModule(L.LightningModule):
         if self.teacher_cache is None or aug_keys is None:
             return self._run_teacher(images)
         found, logits = self.teacher_cache.lookup(indices, aug_keys)
-        if not bool(found.all()):
+        missing = ~found
+        if bool(missing.any()):
             # The teacher is in eval mode (no batch statistics): a sub-batch of the misses
             # gets the logits those samples would get in the full batch.
-            missing = ~found
             logits[missing] = self._run_teacher(images[missing])[0].float()
-            self.teacher_cache.store(
-                indices[missing], aug_keys[missing], logits[missing], self.current_epoch
-            )
+        # Every rank keeps what any rank computed (a sample lands on another rank next epoch);
+        # the gather runs every step, misses or not, so that all ranks' collectives match.
+        computed = all_gather_rows(indices[missing], aug_keys[missing], logits[missing])
+        if len(computed[0]):
+            self.teacher_cache.store(*computed, self.current_epoch)
         return logits, {}
 
     def _run_teacher(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
