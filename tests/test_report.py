@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from distill_zoo.config import folder_name
 from distill_zoo.report import collect, main, summarise
-from distill_zoo.runs import training_curve
+from distill_zoo.runs import find_runs, training_curve
 
 VANILLA = "distill_zoo.distillers.CrossEntropyOnly"
 KD = "distill_zoo.distillers.KD"
@@ -369,3 +370,20 @@ def test_the_reports_own_files_do_not_make_a_crashed_run_look_alive(tmp_path, ca
         (run / "plots").mkdir(exist_ok=True)
         (run / "plots" / "softmax_T_test0.png").write_bytes(b"")
         assert "- crashed: . (distiller=kd, seed 0;" in capsys.readouterr().out
+
+
+def test_runs_below_folders_named_after_checkpoint_paths_are_found(tmp_path):
+    # Sweeps before dz_folder_name nested a job's folder under the path of teacher.ckpt=.
+    nested = "teacher.ckpt=out/teacher/checkpoints/best-013.ckpt,seed=0"
+    run = make_run(tmp_path, nested, ["seed=0"], acc(0.5))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "config.yaml").write_text("not a run\n")
+    assert find_runs(tmp_path) == [run]
+
+
+def test_sweep_job_folders_do_not_nest_on_paths_and_stay_short():
+    assert folder_name("teacher.ckpt=a/b/c.ckpt,seed=1") == "teacher.ckpt=a_b_c.ckpt,seed=1"
+    assert folder_name("") == "default"
+    long = ",".join(f"distiller.w{i}=0.123456789" for i in range(40))
+    assert len(folder_name(long).encode()) <= 200
+    assert folder_name(long) != folder_name(long[:-1])  # the hash tells them apart

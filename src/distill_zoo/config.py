@@ -17,6 +17,17 @@ MAX_NAME_BYTES = 200
 _STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def folder_name(override_dirname: str) -> str:
+    """A folder name for a run's overrides: paths in them (teacher.ckpt=/a/b.ckpt) must not
+    nest folders, and file systems refuse names over 255 bytes: long override lists keep
+    their start plus a hash."""
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = name.encode()[: MAX_NAME_BYTES - 11].decode(errors="ignore") + "-" + digest
+    return name
+
+
 def run_dir(root: str, override_dirname: str, resume: bool) -> str:
     """Output folder of a single run: ``<root>/<overrides or 'default'>/<start time>``.
 
@@ -24,13 +35,7 @@ def run_dir(root: str, override_dirname: str, resume: bool) -> str:
     command can find the newest earlier run of that command and continue it in place; a run
     without ``resume`` always gets a new folder, so nothing saved earlier is overwritten.
     """
-    # Paths in overrides (teacher.ckpt=/a/b.ckpt) must not nest folders, and file systems
-    # refuse names over 255 bytes: long override lists keep their start plus a hash.
-    name = override_dirname.replace("/", "_") or "default"
-    if len(name.encode()) > MAX_NAME_BYTES:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        name = name.encode()[: MAX_NAME_BYTES - 11].decode(errors="ignore") + "-" + digest
-    group = Path(root) / name
+    group = Path(root) / folder_name(override_dirname)
     if resume and group.is_dir():
         earlier = sorted(p for p in group.iterdir() if _resumable(p))
         if earlier:
@@ -47,6 +52,8 @@ def register_resolvers() -> None:
     """Registers the ``dz_*`` resolvers used in ``conf/`` (idempotent)."""
     if not OmegaConf.has_resolver("dz_run_dir"):
         OmegaConf.register_new_resolver("dz_run_dir", run_dir)
+    if not OmegaConf.has_resolver("dz_folder_name"):
+        OmegaConf.register_new_resolver("dz_folder_name", folder_name)
     if not OmegaConf.has_resolver("dz_interactive"):
         OmegaConf.register_new_resolver("dz_interactive", lambda: sys.stdout.isatty())
 

@@ -37,7 +37,9 @@ def find_runs(root: Path) -> list[Path]:
     for marker in ("config.yaml", ".hydra"):
         for path in root.rglob(marker):
             inside = path.relative_to(root).parts[:-1]
-            if {".hydra", "checkpoints"} & set(inside):
+            # Not Hydra's copy, nor anything kept inside a run (checkpoints, export); a run
+            # folder's own name may well contain "checkpoints" (teacher.ckpt=.../x.ckpt).
+            if ".hydra" in inside or "checkpoints" in inside[-1:]:
                 continue
             if marker == ".hydra" and not path.is_dir():
                 continue
