@@ -239,3 +239,12 @@ def test_a_file_that_fails_at_another_batch_size_exits_nonzero(
 def test_help_shows_the_syntax(capsys):
     assert export.main(["--help"]) == 0
     assert "format=onnx|torchscript" in capsys.readouterr().out
+
+
+def test_run_folders_named_after_overrides_are_paths_not_options(tmp_path):
+    folder = tmp_path / "data.subset=5000,distiller=kd,seed=0"
+    folder.mkdir()
+    path, options = export.parse_arguments(
+        [str(folder), "format=torchscript"], {"format": "onnx"}, ""
+    )
+    assert path == str(folder) and options == {"format": "torchscript"}

@@ -434,6 +434,10 @@ USAGE = (
 )
 
 
+OPTION = re.compile(r"^-{0,2}[A-Za-z_]\w*=")
+"""``key=value`` (or ``--key=value``) with a plain key: an option, not a path."""
+
+
 def parse_arguments(
     argv: Sequence[str], defaults: dict[str, Any], usage: str
 ) -> tuple[str, dict[str, Any]]:
@@ -443,12 +447,15 @@ def parse_arguments(
     Raises:
         UserError: No path, several paths, an unknown key or a value of the wrong type.
     """
-    paths = [a for a in argv if "=" not in a]
+    # Run folders are named after their overrides (data.subset=5000,...): an argument is an
+    # option only if it starts with a plain name and "=" and is not an existing path.
+    is_option = [bool(OPTION.match(a)) and not Path(a).exists() for a in argv]
+    paths = [a for a, option in zip(argv, is_option, strict=True) if not option]
     if len(paths) != 1:
         raise UserError(f"expected one run folder or checkpoint, then key=value options\n{usage}")
     options = dict(defaults)
-    for arg in argv:
-        if "=" not in arg:
+    for arg, option in zip(argv, is_option, strict=True):
+        if not option:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("-")
