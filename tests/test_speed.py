@@ -7,11 +7,14 @@ import torch
 from helpers import conv_net
 from torch import nn
 
+from distill_zoo.config import CONF_DIR
 from distill_zoo.distillers import KD, DistillContext
 from distill_zoo.distillers.fitnets import FitNets
 from distill_zoo.module import DistillationModule
 from distill_zoo.teacher_cache import TeacherOutputCache
 from distill_zoo.train import run
+
+DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
 
 
 class CountingTeacher(nn.Module):
@@ -178,3 +181,21 @@ def test_compiled_student_and_teacher_train_and_reload(tmp_path, tiny_config):
     assert metrics["test_acc1_best"] is not None
     state = torch.load(metrics["last_checkpoint"], weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # checkpoints keep plain names
+
+
+@pytest.mark.parametrize("distiller", DISTILLERS)
+def test_every_distiller_trains_with_the_fast_switches_on(tmp_path, tiny_config, distiller):
+    # channels_last features (views of NHWC maps), a bf16 teacher's features (upcast) and
+    # bf16 autocast all reach every loss; a few batches must give finite losses.
+    cfg = tiny_config(
+        f"distiller={distiller}",
+        "epochs=1",
+        "speed.channels_last=true",
+        "speed.teacher_bf16=true",
+        "trainer.precision=bf16-mixed",
+        "logger=none",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+    )
+    metrics = run(cfg, tmp_path)
+    assert metrics["test_acc1_last"] is not None
