@@ -224,7 +224,9 @@ def time_ours(args, pair, teacher_ckpt, data_root, extra) -> Timing:
 
 def time_plain_loop(args, pair, teacher_ckpt, data_root) -> Timing:
     """The reference repos' loop: per-image CPU transforms in DataLoader workers, fp32."""
-    cfg = config(args, pair, teacher_ckpt, data_root, ["data.on_device=false"])
+    # NCHW models: DistillationModule would otherwise convert them (speed.channels_last).
+    plain_setup = ["data.on_device=false", "speed.channels_last=false"]
+    cfg = config(args, pair, teacher_ckpt, data_root, plain_setup)
     L.seed_everything(0)
     datamodule, module = build(cfg)  # the same models, distiller and data split
     datamodule.num_workers = args.workers
