@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from distill_zoo.config import folder_name
+from distill_zoo.config import compose, folder_name
 from distill_zoo.report import collect, main, summarise
-from distill_zoo.runs import find_runs, training_curve
+from distill_zoo.runs import evaluation_data, find_runs, training_curve
 
 VANILLA = "distill_zoo.distillers.CrossEntropyOnly"
 KD = "distill_zoo.distillers.KD"
@@ -387,3 +387,11 @@ def test_sweep_job_folders_do_not_nest_on_paths_and_stay_short():
     long = ",".join(f"distiller.w{i}=0.123456789" for i in range(40))
     assert len(folder_name(long).encode()) <= 200
     assert folder_name(long) != folder_name(long[:-1])  # the hash tells them apart
+
+
+def test_evaluation_data_serves_images_even_for_runs_that_replayed_augmentations():
+    # softened.py had its own copy that kept augment_rounds, which needs on_device: it failed.
+    cfg = compose(["data=synthetic", "data.on_device=true", "data.augment_rounds=2"])
+    data = evaluation_data(cfg)
+    images, targets, _ = next(iter(data.test_dataloader()))
+    assert not data.on_device and images.dim() == 4 and len(images) == len(targets)

@@ -35,6 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from distill_zoo.runs import evaluation_data, load_config
+
 FORMATS = {"onnx": "onnx", "torchscript": "pt"}
 """Export format -> file suffix."""
 
@@ -114,26 +116,6 @@ def _best_checkpoint(run_dir: Path, folder: Path) -> Path:
         f"{folder} holds several best checkpoints ({', '.join(p.name for p in candidates)}) "
         "and metrics.json names none of them: pass the checkpoint file itself"
     )
-
-
-def load_config(run_dir: Path) -> DictConfig:
-    """The resolved config a run saved as ``config.yaml``."""
-    return OmegaConf.load(Path(run_dir) / "config.yaml")
-
-
-def evaluation_data(cfg: DictConfig):
-    """The run's data module, set up, serving ready images from its loaders (the on-device
-    path, its augmentation replay and loader workers switched off)."""
-    from hydra.utils import instantiate
-
-    node = OmegaConf.to_container(cfg.data, resolve=True)
-    for key, value in (("on_device", False), ("augment_rounds", None), ("num_workers", 0)):
-        if key in node:
-            node[key] = value
-    data = instantiate(node)
-    data.prepare_data()
-    data.setup("test")
-    return data
 
 
 def first_test_images(data, count: int) -> Tensor:

@@ -1,5 +1,6 @@
 """Reading run folders: which folders below a directory are runs, their overrides, status
-(finished, running, crashed), seed, validation curve and metrics. :mod:`distill_zoo.report`
+(finished, running, crashed), seed, validation curve and metrics, and a finished run's config
+and evaluation data (for export, the compression report and the softened-prediction plot). :mod:`distill_zoo.report`
 tabulates what this reads; :mod:`distill_zoo.plots` draws it."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
 IGNORED_OVERRIDES = ("seed", "resume", "ckpt_path", "output_root", "teacher_store")
 DISTILLATION_KEYS = ("distiller", "teacher", "teacher_seed", "distill_epochs")
@@ -194,3 +196,26 @@ def read_run(
         vanilla=vanilla,
         last_write=written,
     )
+
+
+# --- rebuilding a run's pieces ------------------------------------------------------------
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    """The resolved config a run saved as ``config.yaml``."""
+    return OmegaConf.load(Path(run_dir) / "config.yaml")
+
+
+def evaluation_data(cfg: DictConfig):
+    """The run's data module, set up, serving ready images from its loaders (the on-device
+    path, its augmentation replay and loader workers switched off)."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    for key, value in (("on_device", False), ("augment_rounds", None), ("num_workers", 0)):
+        if key in node:
+            node[key] = value
+    data = instantiate(node)
+    data.prepare_data()
+    data.setup("test")
+    return data

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from distill_zoo import teachers
-from distill_zoo.runs import PLOTS
+from distill_zoo.runs import PLOTS, evaluation_data, load_config
 from distill_zoo.train import build_model
 
 log = logging.getLogger(__name__)
@@ -90,19 +89,6 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
             "store entry <teacher_store>/<arch>-<hash>/)"
         )
     return checkpoint, run
-
-
-def build_data(cfg: DictConfig):
-    """The run's DataModule, set up, serving plain ``(image, target, index)`` samples."""
-    node = OmegaConf.to_container(cfg.data, resolve=True)
-    if "on_device" in node:
-        node["on_device"] = False  # batches of images, not indices to be gathered later
-    if "num_workers" in node:
-        node["num_workers"] = 0
-    datamodule = instantiate(node)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    return datamodule
 
 
 def pick_test_image(datamodule, index: int) -> tuple[Tensor, int]:
@@ -175,8 +161,8 @@ def softmax_figure_for(
     from distill_zoo import plots
 
     checkpoint, run = find_checkpoint(path)
-    cfg = OmegaConf.load(run / "config.yaml")
-    datamodule = build_data(cfg)
+    cfg = load_config(run)
+    datamodule = evaluation_data(cfg)
     image, target = pick_test_image(datamodule, index)
     model = load_network(checkpoint, cfg, datamodule.num_classes, datamodule.in_channels)
     with torch.no_grad():
