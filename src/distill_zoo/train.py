@@ -23,6 +23,9 @@ from distill_zoo.quantize import QuantSpec
 
 log = logging.getLogger(__name__)
 
+MODULE_SPEED_KEYS = ("channels_last", "teacher_inference_mode", "teacher_bf16")
+"""Keys of ``speed`` that are DistillationModule arguments as they are."""
+
 MODEL_META_KEYS = ("feature_layers", "ckpt", "route_epochs", "members")
 """Keys of a student/teacher config that describe the model rather than construct it."""
 
@@ -286,9 +289,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         num_classes=num_classes,
         distill_epochs=cfg.get("distill_epochs"),
-        channels_last=fast.get("channels_last", False),
-        teacher_inference_mode=fast.get("teacher_inference_mode", True),
-        teacher_bf16=fast.get("teacher_bf16", False),
+        # conf/speed/ holds the defaults; a config without a key keeps the module's own.
+        **{key: fast[key] for key in MODULE_SPEED_KEYS if key in fast},
         teacher_cache=speed.build_teacher_cache(fast, datamodule, teacher, num_classes),
     )
     if cfg.get("init_from"):
