@@ -80,14 +80,15 @@ def test_cached_epochs_skip_the_teacher_and_distil_from_the_same_logits():
     plain = module_with(CountingTeacher())
     plain.teacher.load_state_dict(teacher.state_dict())
     first = batch([0, 1, 2, 3], [5, 6, 7, 8])
+    # Losses agree to float rounding: a sub-batch of misses runs other conv kernels.
     for _epoch in range(3):
         loss = cached.training_step(first, 0)
         assert teacher.images_seen == 4  # only the first epoch ran the teacher
-        assert loss.item() == pytest.approx(plain.training_step(first, 0).item(), rel=1e-6)
+        assert loss.item() == pytest.approx(plain.training_step(first, 0).item(), rel=1e-5)
     other_crop = batch([0, 1, 2, 3], [5, 6, 7, 9])
     loss = cached.training_step(other_crop, 0)
     assert teacher.images_seen == 5  # only the sample with a new crop
-    assert loss.item() == pytest.approx(plain.training_step(other_crop, 0).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(plain.training_step(other_crop, 0).item(), rel=1e-5)
 
 
 def test_cache_refuses_distillers_that_read_teacher_features():
