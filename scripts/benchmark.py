@@ -40,7 +40,7 @@ from torch import nn
 
 from distill_zoo.config import compose
 from distill_zoo.distillers.base import StepOutputs
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.losses import kd_loss
 from distill_zoo.models import create_model
 from distill_zoo.train import build

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from distill_zoo.distillers.base import probe_shapes
-from distill_zoo.features import layer_names
+from distill_zoo.distillers.taps import layer_names
 from distill_zoo.models import create_model, torchvision_model
 
 

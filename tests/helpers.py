@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distill_zoo.distillers.base import StepOutputs
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
 
 
 def distill_step(

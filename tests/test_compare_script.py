@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_zoo import report
+from distill_zoo.results import table
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_kd_cifar10.py"
 
@@ -39,7 +39,7 @@ def test_teacher_vanilla_and_kd_runs_are_summarised_and_skipped_on_rerun(script,
     assert "KD gain" in (tmp_path / "summary.md").read_text()
     assert "KD gain" in capsys.readouterr().out
     # distill_zoo.report sees three groups: teacher, vanilla (2 seeds), KD (2 seeds).
-    rows = report.summarise(tmp_path)[0]
+    rows = table.summarise(tmp_path)[0]
     assert sorted(row["runs"] for row in rows) == [1, 2, 2]
 
     stamp = (tmp_path / "kd-resnet8-seed1" / "metrics.json").stat().st_mtime_ns

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo import compression
 from distill_zoo.models import create_model
+from distill_zoo.shipping import compression
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from torch import nn
 from distill_zoo.config import CONF_DIR
 from distill_zoo.distillers.base import DistillContext, StepOutputs
 from distill_zoo.distillers.crd import CRD
-from distill_zoo.distributed import all_gather_rows, all_reduce_mean, is_distributed
+from distill_zoo.engine.collectives import all_gather_rows, all_reduce_mean, is_distributed
 from distill_zoo.models import create_model
 
 WORLD = 2
@@ -436,7 +436,7 @@ def test_taps_survive_the_sync_batchnorm_conversion():
     module; forward hooks sit on stages, never on those layers, so the features still come.
     (With one process, SyncBatchNorm computes plain batch statistics: it trains on CPU.)"""
     from distill_zoo.distillers.fitnets import FitNets
-    from distill_zoo.features import FeatureTap
+    from distill_zoo.distillers.taps import FeatureTap
 
     torch.manual_seed(0)
     student, teacher = create_model("resnet8", 4), create_model("resnet14", 4)

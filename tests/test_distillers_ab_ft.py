@@ -13,7 +13,7 @@ from distill_zoo.distillers.ab import AB
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.ft import FT
 from distill_zoo.distillers.layers import preactivation
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.losses import ab_loss, factor, ft_loss
 from distill_zoo.models import create_model
 

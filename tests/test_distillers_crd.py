@@ -13,7 +13,7 @@ from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers.base import DistillContext, StepOutputs
 from distill_zoo.distillers.crd import CRD
 from distill_zoo.distillers.crd_memory import NegativeSampler
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.losses import (
     crd_logits,
     crd_loss,

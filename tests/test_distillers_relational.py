@@ -18,8 +18,8 @@ from distill_zoo.distillers.layers import penultimate_layer
 from distill_zoo.distillers.pkt import PKT
 from distill_zoo.distillers.rkd import RKD
 from distill_zoo.distillers.sp import SP
+from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.distillers.vid import VID, VIDRegressor
-from distill_zoo.features import FeatureTap
 from distill_zoo.losses import (
     cc_loss,
     kd_loss,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo import teachers, train
-from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
+from distill_zoo import build, train
+from distill_zoo.teachers.ensemble import TeacherEnsemble, TeacherRoute
 
 
 class Fixed(nn.Module):
@@ -47,7 +47,7 @@ def test_ensemble_needs_two_members():
 
 def two_teachers(tiny_config) -> str:
     """``teacher.ckpt=[...]`` of two tiny teachers trained with different seeds (cached)."""
-    paths = [str(teachers.cached_teacher(tiny_config(f"teacher_seed={seed}"))) for seed in (0, 1)]
+    paths = [str(train.ensure_teacher(tiny_config(f"teacher_seed={seed}"))) for seed in (0, 1)]
     assert paths[0] != paths[1]
     return f"teacher.ckpt=[{paths[0]},{paths[1]}]"
 
@@ -55,8 +55,8 @@ def two_teachers(tiny_config) -> str:
 def test_kd_from_a_list_of_teacher_checkpoints(tiny_config, tmp_path):
     ckpts = two_teachers(tiny_config)
     metrics = train.run(tiny_config("distiller=kd", ckpts, "epochs=4"), tmp_path / "kd")
-    assert metrics["teacher_params"] == 2 * train.count_parameters(
-        train.build_model(tiny_config().teacher, 4, 3)
+    assert metrics["teacher_params"] == 2 * build.count_parameters(
+        build.build_model(tiny_config().teacher, 4, 3)
     )
     assert metrics["best_val_acc1"] > 0.6
     with pytest.raises(ValueError, match="only gives predictions"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo import export
 from distill_zoo.models import create_model
-from distill_zoo.teachers import extract_state_dict
+from distill_zoo.shipping import export
+from distill_zoo.teachers.checkpoints import extract_state_dict
 
 
 def _student_from(checkpoint) -> nn.Module:

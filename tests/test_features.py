@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo.features import FeatureTap, check_layers
+from distill_zoo.distillers.taps import FeatureTap, check_layers
 
 
 def tiny_net() -> nn.Module:

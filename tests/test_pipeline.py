@@ -10,12 +10,13 @@ import torch
 from conftest import TINY
 from omegaconf import OmegaConf
 
-from distill_zoo import pipeline, train
+from distill_zoo import build
 from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.ft import FT
 from distill_zoo.models import create_model
 from distill_zoo.module import DistillationModule
+from distill_zoo.pipelines import runner as pipeline
 
 PIPELINES = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
 
@@ -101,7 +102,7 @@ def test_every_pipeline_preset_runs_end_to_end(tiny_overrides, tmp_path, name):
 
 
 def test_builders_write_the_published_chains():
-    from distill_zoo import chains
+    from distill_zoo.pipelines import recipes as chains
 
     cfg = compose(["pipeline=takd", "pipeline.assistants=[resnet56,resnet32]"])
     takd = chains.build(cfg.pipeline, cfg)
@@ -197,14 +198,14 @@ def test_initialize_from_takes_the_student_and_matching_parts(tmp_path):
     path = tmp_path / "stage1.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)
     target = module("resnet8")
-    train.initialize_from(target, str(path))
+    build.initialize_from(target, str(path))
     for key, value in source.state_dict().items():
         if key.startswith(("student.", "distiller.")):
             assert torch.equal(value, target.state_dict()[key]), key
     with pytest.raises(ValueError, match="does not fit CifarResNet.*student=<arch>"):
-        train.initialize_from(module("resnet20"), str(path))
+        build.initialize_from(module("resnet20"), str(path))
     with pytest.raises(FileNotFoundError, match="init_from=<path"):
-        train.initialize_from(target, str(tmp_path / "missing.ckpt"))
+        build.initialize_from(target, str(tmp_path / "missing.ckpt"))
 
 
 def test_cut_pipeline_resumes_to_the_uninterrupted_result(tiny_overrides, tmp_path, interrupt):
@@ -236,7 +237,7 @@ def test_takd_distillation_path_teaches_with_all_larger_models(tiny_overrides, t
     rows = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
     assert rows[-1]["teacher"] == "ensemble of stages assistant1_resnet8 + teacher (best)"
     resnet8, resnet14 = (
-        train.count_parameters(train.build_model(compose([f"student={a}"]).student, 4, 3))
+        build.count_parameters(build.build_model(compose([f"student={a}"]).student, 4, 3))
         for a in ("resnet8", "resnet14")
     )
     assert result["teacher_params"] == resnet8 + resnet14  # both members teach

@@ -7,8 +7,10 @@ import torch
 from matplotlib.image import imread
 from test_report import acc, make_run
 
-from distill_zoo import plots, softened, teachers, train
-from distill_zoo.report import collect, main
+from distill_zoo import teachers, train
+from distill_zoo.results import plots, softened
+from distill_zoo.results.report import main
+from distill_zoo.results.table import collect
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -25,6 +25,7 @@ from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from distill_zoo.build import build_model
 from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.crd_memory import init_memory_bank
@@ -55,7 +56,6 @@ from distill_zoo.losses import (
 )
 from distill_zoo.losses.common import fp32
 from distill_zoo.module import DistillationModule
-from distill_zoo.train import build_model
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 20.0)
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}

@@ -11,16 +11,17 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
-from distill_zoo import quantize, train
+from distill_zoo import train
 from distill_zoo.config import compose
 from distill_zoo.data import SyntheticDataModule
 from distill_zoo.distillers import KD, CrossEntropyOnly
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.fitnets import FitNets
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.models import create_model
 from distill_zoo.module import DistillationModule
-from distill_zoo.quantize import QuantConv2d, QuantLinear, QuantSpec, prepare_qat
+from distill_zoo.shipping import quantize
+from distill_zoo.shipping.quantize import QuantConv2d, QuantLinear, QuantSpec, prepare_qat
 
 STAGES = ["layer1", "layer2", "layer3"]
 

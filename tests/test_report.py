@@ -10,8 +10,9 @@ import time
 import pytest
 
 from distill_zoo.config import compose, folder_name
-from distill_zoo.report import collect, main, summarise
-from distill_zoo.runs import evaluation_data, find_runs, training_curve
+from distill_zoo.results.report import main
+from distill_zoo.results.runs import evaluation_data, find_runs, training_curve
+from distill_zoo.results.table import collect, summarise
 
 VANILLA = "distill_zoo.distillers.CrossEntropyOnly"
 KD = "distill_zoo.distillers.KD"

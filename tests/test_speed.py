@@ -11,7 +11,7 @@ from distill_zoo.config import CONF_DIR
 from distill_zoo.distillers import KD, DistillContext
 from distill_zoo.distillers.fitnets import FitNets
 from distill_zoo.module import DistillationModule
-from distill_zoo.teacher_cache import TeacherOutputCache
+from distill_zoo.teachers.cache import TeacherOutputCache
 from distill_zoo.train import run
 
 DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))

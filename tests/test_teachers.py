@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill_zoo.teachers import extract_state_dict, load_weights
+from distill_zoo.teachers.checkpoints import extract_state_dict, load_weights
 
 
 def net() -> nn.Module:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from distill_zoo.build import build_model
 from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers import DistillContext, StepOutputs
-from distill_zoo.features import FeatureTap
-from distill_zoo.train import build_model
+from distill_zoo.distillers.taps import FeatureTap
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
 SMALL = {

@@ -18,7 +18,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Runs one training, or the stages of ``pipeline=<name>`` (with ``-m``, one job of a
     sweep); returns the best val top-1 of the run (of a pipeline's last stage)."""
-    from distill_zoo import pipeline, train
+    from distill_zoo import train
+    from distill_zoo.pipelines import runner as pipeline
 
     _route_lightning_logs_through_hydra()
     hydra_cfg = HydraConfig.get()

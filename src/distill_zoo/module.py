@@ -14,10 +14,10 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill_zoo.distillers.base import Distiller, StepOutputs
-from distill_zoo.distributed import all_gather_rows
-from distill_zoo.features import FeatureTap
+from distill_zoo.distillers.taps import FeatureTap
+from distill_zoo.engine.collectives import all_gather_rows
 from distill_zoo.losses import cross_entropy
-from distill_zoo.teacher_cache import TeacherOutputCache
+from distill_zoo.teachers.cache import TeacherOutputCache
 
 # The frozen teacher is in eval mode on purpose; Lightning would warn about it every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

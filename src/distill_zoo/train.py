@@ -9,111 +9,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from distill_zoo import compression, speed, teachers
-from distill_zoo.distillers.base import DistillContext
-from distill_zoo.models.ensemble import TeacherEnsemble, TeacherRoute
+from distill_zoo.build import build_run, count_parameters, example_input, quant_spec
+from distill_zoo.engine import speed
 from distill_zoo.module import DistillationModule
-from distill_zoo.quantize import QuantSpec
+from distill_zoo.shipping import compression
+from distill_zoo.teachers import store
 
 log = logging.getLogger(__name__)
-
-MODULE_SPEED_KEYS = ("channels_last", "teacher_inference_mode", "teacher_bf16")
-"""Keys of ``speed`` that are DistillationModule arguments as they are."""
-
-MODEL_META_KEYS = ("feature_layers", "ckpt", "route_epochs", "members")
-"""Keys of a student/teacher config that describe the model rather than construct it."""
-
-
-def build_model(node: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
-    """Instantiates a ``student``/``teacher`` config with the data's class and channel count."""
-    kwargs = {
-        k: v
-        for k, v in OmegaConf.to_container(node, resolve=True).items()
-        if k not in MODEL_META_KEYS
-    }
-    return instantiate(kwargs, num_classes=num_classes, in_channels=in_channels)
-
-
-def has_teacher(cfg: DictConfig) -> bool:
-    """Whether ``cfg`` names a teacher (``teacher=none`` leaves the group empty)."""
-    return bool(cfg.get("teacher")) and ("_target_" in cfg.teacher or "members" in cfg.teacher)
-
-
-def needs_teacher(cfg: DictConfig) -> bool:
-    """Whether the chosen distiller uses a teacher at all."""
-    return get_class(cfg.distiller._target_).requires_teacher
-
-
-def build_teacher(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module | None:
-    """The teacher the distiller needs, from ``cfg.teacher``:
-
-    - ``ckpt: <file>``: that checkpoint; ``ckpt: null``: trained once on the run's data and
-      recipe, and cached;
-    - ``ckpt: [a, b, ...]``: an ensemble of that architecture
-      (:class:`~distill_zoo.models.ensemble.TeacherEnsemble`), or, with ``route_epochs``
-      (the student epoch at which each checkpoint starts teaching), a route of checkpoints
-      (:class:`~distill_zoo.models.ensemble.TeacherRoute`, RCO);
-    - ``members: [<teacher config>, ...]``: an ensemble of different architectures, each
-      member a teacher config with its own ``ckpt`` (pipelines build these).
-    """
-    if not needs_teacher(cfg):
-        return None
-    if not has_teacher(cfg):
-        raise ValueError(
-            f"distiller {cfg.distiller._target_} needs a teacher, but teacher=none: choose one, "
-            "e.g. teacher=resnet56 teacher.ckpt=<file>"
-        )
-    if cfg.teacher.get("members"):
-        members = [
-            teachers.load_weights(build_model(node, num_classes, in_channels), node.ckpt)
-            for node in cfg.teacher.members
-        ]
-        return TeacherEnsemble(members)
-    ckpt = cfg.teacher.get("ckpt")
-    if OmegaConf.is_list(ckpt) or isinstance(ckpt, list):
-        members = [
-            teachers.load_weights(build_model(cfg.teacher, num_classes, in_channels), path)
-            for path in ckpt
-        ]
-        route = cfg.teacher.get("route_epochs")
-        return TeacherRoute(members, list(route)) if route else TeacherEnsemble(members)
-    teacher = build_model(cfg.teacher, num_classes, in_channels)
-    if ckpt:
-        return teachers.load_weights(teacher, ckpt)
-    return teachers.train_or_load_cached(cfg, teacher)
-
-
-def teacher_stages(cfg: DictConfig, teacher: nn.Module | None) -> list[str]:
-    """The teacher's stage layers; an ensemble's are those of its first member."""
-    if teacher is None:
-        return []
-    node = cfg.teacher.members[0] if cfg.teacher.get("members") else cfg.teacher
-    stages = list(node.get("feature_layers") or [])
-    if isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
-        return [f"members.0.{name}" for name in stages]
-    return stages
-
-
-def check_ensemble_use(teacher: nn.Module | None, distiller: nn.Module) -> None:
-    """Ensembles and routes give predictions, not one network's features: feature methods
-    fail; an ensemble averages at the distiller's temperature."""
-    if not isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
-        return
-    teacher_layers = distiller.layers()[1]
-    if teacher_layers:
-        raise ValueError(
-            f"{type(distiller).__name__} reads teacher features ({teacher_layers}), but an "
-            "ensemble or route teacher (teacher.ckpt=[...], teacher.members) only gives "
-            "predictions: use a logit-based distiller (kd, ...) or a single teacher.ckpt"
-        )
-    if isinstance(teacher, TeacherEnsemble):
-        teacher.temperature = distiller.soft_temperature
 
 
 def warn_about_schedule(cfg: DictConfig) -> None:
@@ -221,83 +128,31 @@ def build_trainer(
     )
 
 
-def initialize_from(module: DistillationModule, path: str) -> None:
-    """Starts the student, and the distiller parts that fit, from an earlier run's checkpoint.
+def ensure_teacher(cfg: DictConfig) -> Path:
+    """The file of the teacher ``cfg.teacher`` trained on ``cfg``'s data and recipe: from the
+    store, or trained now (``distiller=none``) and handed to the store.
 
-    The student must match the checkpoint exactly (other architecture: a clear error).
-    Distiller parts (a paraphraser, a connector) are taken where name and shape agree, so a
-    stage can reuse what an earlier stage trained; the rest keep their fresh initialisation.
+    An interrupted teacher training continues from its ``last.ckpt``.
     """
-    checkpoint = teachers.read_checkpoint(path, role="student init", config_key="init_from")
-    teachers.load_weights(module.student, path, role="student init", loaded=checkpoint)
-    parts = checkpoint.get("state_dict", checkpoint)
-    own = module.distiller.state_dict()
-    taken = {
-        key.removeprefix("distiller."): value
-        for key, value in parts.items()
-        if key.startswith("distiller.")
-        and key.removeprefix("distiller.") in own
-        and own[key.removeprefix("distiller.")].shape == value.shape
-    }
-    module.distiller.load_state_dict(taken, strict=False)
+    entry = store.entry(cfg)
+    if entry.cached:
+        log.info("Using cached teacher %s", entry.file)
+        return entry.file
+    run_cfg = entry.run_cfg.copy()
+    run_cfg.resume = (entry.run_dir / "checkpoints" / "last.ckpt").is_file()
     log.info(
-        "Initialised the student from %s%s",
-        path,
-        f" and distiller parts {sorted({k.split('.')[0] for k in taken})}" if taken else "",
+        "No teacher.ckpt given: %s teacher %s once, cached in %s",
+        "continuing the interrupted training of" if run_cfg.resume else "training",
+        run_cfg.student.get("name", "?"),
+        entry.run_dir,
     )
-
-
-def count_parameters(model: nn.Module | None) -> int | None:
-    return None if model is None else sum(p.numel() for p in model.parameters())
-
-
-def quant_spec(cfg: DictConfig) -> QuantSpec | None:
-    """The quantized-student spec of ``cfg.quantize``; ``None`` for a float student."""
-    return instantiate(cfg.quantize) if cfg.get("quantize") else None
+    metrics = run(run_cfg, entry.run_dir)
+    return store.save(entry, metrics["best_checkpoint"])
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:
-    """The set-up data module and the DistillationModule that ``cfg`` describes, ready to fit
-    (teachers named without a checkpoint are trained or taken from the cache here)."""
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    num_classes, in_channels = datamodule.num_classes, datamodule.in_channels
-    teacher = build_teacher(cfg, num_classes, in_channels)
-    # Re-seed: the student starts the same whether its teacher was just trained or cached.
-    L.seed_everything(cfg.seed, workers=True)
-    student = build_model(cfg.student, num_classes, in_channels)
-    quant = quant_spec(cfg)
-    if quant is not None:  # before the taps: layers are swapped in place, names kept
-        quant.prepare(student, _example_input(datamodule))
-    context = DistillContext(
-        student_stages=list(cfg.student.get("feature_layers") or []),
-        teacher_stages=teacher_stages(cfg, teacher),
-        example_input=_example_input(datamodule),
-        num_classes=num_classes,
-        num_train_samples=datamodule.num_train_samples,
-        train_targets=datamodule.train_targets,
-    )
-    distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
-    check_ensemble_use(teacher, distiller)
-    fast = cfg.get("speed") or {}
-    module = DistillationModule(
-        student=student,
-        teacher=teacher,
-        distiller=distiller,
-        optimizer=instantiate(cfg.optim),
-        scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
-        num_classes=num_classes,
-        distill_epochs=cfg.get("distill_epochs"),
-        # conf/speed/ holds the defaults; a config without a key keeps the module's own.
-        **{key: fast[key] for key in MODULE_SPEED_KEYS if key in fast},
-        teacher_cache=speed.build_teacher_cache(fast, datamodule, teacher, num_classes),
-    )
-    if cfg.get("init_from"):
-        initialize_from(module, cfg.init_from)
-    if fast.get("compile"):
-        speed.compile_models(module.student, module.teacher)
-    return datamodule, module
+    """:func:`~distill_zoo.build.build_run`, with teachers trained on demand."""
+    return build_run(cfg, train_teacher=ensure_teacher)
 
 
 def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> dict:
@@ -354,7 +209,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         # The student holds the best checkpoint's weights after the last test.
         if cfg.get("report_compression", True):
             metrics[compression.METRICS_KEY] = compression.compression_report(
-                module.student, module.teacher, _example_input(datamodule), repeats=5, warmup=1
+                module.student, module.teacher, example_input(datamodule), repeats=5, warmup=1
             )
             log.info("compression:\n%s", compression.format_report(metrics["compression"]))
         quant = quant_spec(cfg)
@@ -381,13 +236,6 @@ def summary(metrics: dict) -> str:
         f"{pct(metrics['test_acc1_last'])} (last); teacher {pct(metrics['teacher_test_acc1'])}; "
         f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s; {memory}"
     )
-
-
-def _example_input(datamodule: L.LightningDataModule):
-    import torch
-
-    height, width = datamodule.image_size
-    return torch.zeros(2, datamodule.in_channels, height, width)
 
 
 def _float(value) -> float | None:

@@ -7,30 +7,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from distill_zoo.distillers.context import DistillContext
+from distill_zoo.distillers.layers import embedding
+from distill_zoo.distillers.taps import probe_shapes, select_layers  # noqa: F401  (re-exported)
 from distill_zoo.losses import cross_entropy, kd_loss
-
-
-@dataclass(frozen=True)
-class DistillContext:
-    """What a distiller may need to know about the run when it is built.
-
-    Attributes:
-        student_stages: The student's stage layers in forward order (zoo ``feature_layers``).
-        teacher_stages: The teacher's stage layers, empty when there is no teacher.
-        example_input: One small batch of real inputs, for dry forward passes that find
-            feature shapes (so trainable parts are built in ``__init__``).
-        num_classes: Classes of the data set.
-        num_train_samples: Size of the training split (memory banks are indexed by it).
-        train_targets: Label of each training sample by its index (``[num_train_samples]``),
-            for methods that sample by class (CRD's negatives).
-    """
-
-    student_stages: list[str] = field(default_factory=list)
-    teacher_stages: list[str] = field(default_factory=list)
-    example_input: Tensor | None = None
-    num_classes: int = 0
-    num_train_samples: int = 0
-    train_targets: Tensor | None = None
 
 
 @dataclass
@@ -125,8 +105,6 @@ class Distiller(nn.Module):
             for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
         ]
         if pooled:
-            from distill_zoo.distillers.layers import embedding  # layers imports this module
-
             pairs = [(embedding(s), embedding(t)) for s, t in pairs]
         return pairs
 
@@ -155,66 +133,3 @@ class Distiller(nn.Module):
                 out.student_logits, out.teacher_logits, self.kd_temperature
             )
         return terms
-
-
-def probe_shapes(
-    model: nn.Module, names: list[str], example_input: Tensor
-) -> dict[str, tuple[int, ...]]:
-    """Output shapes of the layers ``names`` of ``model`` on ``example_input``.
-
-    Runs one forward pass in eval mode without gradients, so BatchNorm statistics are left
-    as they were, and restores the model's train/eval mode afterwards.
-    """
-    import torch
-
-    from distill_zoo.features import FeatureTap
-
-    tap = FeatureTap(model, names)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-        return {name: tuple(feature.shape) for name, feature in tap.pop().items()}
-    finally:
-        tap.remove()
-        model.train(was_training)
-
-
-def select_layers(
-    stages: list[str], choice: str | int | list | None, default: str | int
-) -> list[str]:
-    """Layer names from a portable choice over a model's stages (zoo ``feature_layers``).
-
-    Args:
-        stages: The model's stage layers in forward order.
-        choice: ``"all"``, ``"last"``, an int index into ``stages`` (negative counts from the
-            end), a list of such ints, a list of explicit layer names, or ``None`` for
-            ``default``.
-        default: The method's own default, in the same forms.
-
-    Raises:
-        ValueError: an index outside ``stages``, or a portable choice on a model whose config
-            names no ``feature_layers``.
-    """
-    choice = default if choice is None else choice
-    if isinstance(choice, str) and choice not in ("all", "last"):
-        return [choice]
-    if isinstance(choice, Sequence) and not isinstance(choice, str):
-        choice = list(choice)  # Hydra passes ListConfig
-        if all(isinstance(c, str) for c in choice):
-            return choice
-    if not stages:
-        raise ValueError(
-            f"layer choice {choice!r} needs the model's stage layers, but its config names no "
-            "feature_layers: add them to the student/teacher config or name layers explicitly"
-        )
-    if choice == "all":
-        return list(stages)
-    if choice == "last":
-        return [stages[-1]]
-    indices = [choice] if isinstance(choice, int) else list(choice)
-    for i in indices:
-        if not -len(stages) <= i < len(stages):
-            raise ValueError(f"stage index {i} is outside the {len(stages)} stages {stages}")
-    return [stages[i] for i in indices]

@@ -15,7 +15,7 @@ from distill_zoo.distillers.base import (
 )
 from distill_zoo.distillers.crd_memory import NegativeSampler, init_memory_bank
 from distill_zoo.distillers.layers import PENULTIMATE, embedding, penultimate_layer
-from distill_zoo.distributed import all_gather_rows, all_reduce_mean
+from distill_zoo.engine.collectives import all_gather_rows, all_reduce_mean
 from distill_zoo.losses import crd_logits, crd_nce_loss, crd_normaliser
 
 _FP32_BUFFERS = ("memory_student", "memory_teacher", "z_student", "z_teacher")

@@ -14,7 +14,7 @@ from distill_zoo.distillers.base import (
 )
 from distill_zoo.distillers.connectors import shape_mismatch
 from distill_zoo.distillers.layers import LayerChoice, as_choice
-from distill_zoo.features import check_layers
+from distill_zoo.distillers.taps import check_layers
 from distill_zoo.losses import hint_loss
 from distill_zoo.losses.common import check_formulation
 

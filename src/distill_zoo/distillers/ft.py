@@ -15,7 +15,7 @@ from distill_zoo.distillers.base import (
     select_layers,
 )
 from distill_zoo.distillers.layers import LayerChoice, as_choice, probe_maps
-from distill_zoo.features import check_layers
+from distill_zoo.distillers.taps import check_layers
 from distill_zoo.losses import ft_loss
 from distill_zoo.losses.common import check_formulation
 

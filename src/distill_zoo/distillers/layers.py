@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from distill_zoo.distillers.base import DistillContext, probe_shapes, select_layers
-from distill_zoo.features import INPUT_SUFFIX, check_layers
+from distill_zoo.distillers.context import DistillContext
+from distill_zoo.distillers.taps import INPUT_SUFFIX, check_layers, probe_shapes, select_layers
 
 LayerChoice = str | int | list | None
 

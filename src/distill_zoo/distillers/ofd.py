@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.connectors import ConvConnector
 from distill_zoo.distillers.layers import LayerChoice, leaf_calls, pair_stages, probe_maps
-from distill_zoo.features import INPUT_SUFFIX, check_layers, module_name
+from distill_zoo.distillers.taps import INPUT_SUFFIX, check_layers, module_name
 from distill_zoo.losses import ofd_loss, ofd_margin
 
 

@@ -24,7 +24,7 @@ seed, epochs, ...) followed by the stage's ``overrides``. A stage may take
 - ``seed_offset: k``: the stage runs with ``seed + k`` (born-again generations differ).
 
 Instead of ``stages``, a pipeline config may name a ``builder`` (``takd``, ``ban``, ``rco``,
-``eskd``; see :mod:`distill_zoo.chains`) that writes the stages from a few keys.
+``eskd``; see :mod:`distill_zoo.pipelines.recipes`) that writes the stages from a few keys.
 
 Every stage runs in its own folder below the pipeline's. A finished stage (its
 ``metrics.json`` exists) is skipped when the pipeline runs again with ``resume=true``, and an
@@ -42,8 +42,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from distill_zoo import teachers, train
+from distill_zoo import build, train
 from distill_zoo.config import compose
+from distill_zoo.pipelines import recipes
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,7 @@ def parse_stages(node: DictConfig, cfg: DictConfig | None = None) -> list[Stage]
         cfg: The whole composed config, which builders read (teacher, epochs).
     """
     if node.get("builder"):
-        from distill_zoo import chains
-
-        stages_node = OmegaConf.create(chains.build(node, cfg))
+        stages_node = OmegaConf.create(recipes.build(node, cfg))
     else:
         stages_node = node.get("stages")
     if not stages_node:
@@ -195,7 +194,7 @@ def _warn_about_capacity(composed: list[tuple[Stage, DictConfig, list[str]]]) ->
     """Warns where a stage's student is larger than a stage that teaches it (a chain in the
     wrong order); counted on 10 classes and 3 channels, which is enough to compare."""
     sizes = {
-        stage.name: train.count_parameters(train.build_model(stage_cfg.student, 10, 3))
+        stage.name: build.count_parameters(build.build_model(stage_cfg.student, 10, 3))
         for stage, stage_cfg, _ in composed
     }
     for stage, _, _ in composed:
@@ -268,13 +267,13 @@ def _train_teacher_on_demand(cfg: DictConfig, stage: Stage, stage_cfg: DictConfi
     ``epochs`` or ``sched`` for itself (an initialisation stage)."""
     if stage.teachers and not stage.with_command_teacher:
         return
-    if not train.needs_teacher(stage_cfg) or not train.has_teacher(stage_cfg):
+    if not build.needs_teacher(stage_cfg) or not build.has_teacher(stage_cfg):
         return
     if stage_cfg.teacher.get("ckpt"):
         return
     recipe = cfg.copy()
     recipe.teacher = stage_cfg.teacher
-    stage_cfg.teacher.ckpt = str(teachers.cached_teacher(recipe))
+    stage_cfg.teacher.ckpt = str(train.ensure_teacher(recipe))
 
 
 def _hand_over(
@@ -328,7 +327,7 @@ def _record_overrides(stage_dir: Path, overrides: list[str]) -> None:
 
 
 def _teacher_label(stage: Stage, stage_cfg: DictConfig) -> str:
-    if not train.needs_teacher(stage_cfg):
+    if not build.needs_teacher(stage_cfg):
         return "-"
     if stage.route_epochs is not None:
         return f"route of stage {stage.teacher} ({len(stage.route_epochs)} checkpoints)"

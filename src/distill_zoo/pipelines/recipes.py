@@ -1,8 +1,9 @@
 """Stage lists written from a few keys: the multi-step methods of ``conf/pipeline/``.
 
 A pipeline config with ``builder: <name>`` gets its ``stages`` from the function of that
-name here; each returns ``{stage name: stage spec}`` in the form :mod:`distill_zoo.pipeline`
-documents. Architectures are named as in ``conf/student/`` (zoo names).
+name here; each returns ``{stage name: stage spec}`` in the form
+:mod:`distill_zoo.pipelines.runner` documents. Architectures are named as in
+``conf/student/`` (zoo names).
 """
 
 from __future__ import annotations

@@ -1,22 +1,23 @@
-"""Teachers: load a checkpoint safely, or train one on demand and cache it by config hash."""
+"""Reading checkpoints safely: any common layout, ``weights_only=True``, strict fit checks."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-
-from distill_zoo.quantize import is_range_key
 
 log = logging.getLogger(__name__)
 
-TEACHER_FILE = "teacher.pt"
+RANGE_BUFFERS = ("act_min", "act_max")
+"""Buffers a quantized layer adds to its state dict (the observed input range)."""
+
+
+def is_range_key(key: str) -> bool:
+    """Whether a state-dict key is a quantized layer's input range (absent in float models)."""
+    return key.rsplit(".", 1)[-1] in RANGE_BUFFERS
 
 
 def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -119,78 +120,3 @@ def load_weights(
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model
-
-
-def teacher_training_config(cfg: DictConfig) -> DictConfig:
-    """The run config that trains ``cfg.teacher`` from scratch on ``cfg``'s data and recipe."""
-    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
-    teacher.pop("ckpt", None)
-    # Unresolved until the seed is replaced, so nothing derived from the student's seed
-    # leaks in: every student seed of a sweep shares one teacher, as in the KD literature.
-    run_cfg = OmegaConf.to_container(cfg, resolve=False)
-    run_cfg.update(
-        student=teacher,
-        teacher={},
-        distiller={"_target_": "distill_zoo.distillers.CrossEntropyOnly"},
-        seed=cfg.teacher_seed,
-        resume=True,
-        ckpt_path=None,
-        init_from=None,
-        pipeline=None,
-        quantize=None,  # a teacher trained on demand is a float network
-    )
-    # The teacher cache and its replayed augmentations speed up distillation; the teacher
-    # itself trains on fresh augmentations and has no teacher to cache.
-    if isinstance(run_cfg.get("speed"), dict):
-        run_cfg["speed"] = {**run_cfg["speed"], "teacher_cache": False}
-    if isinstance(run_cfg.get("data"), dict) and "augment_rounds" in run_cfg["data"]:
-        run_cfg["data"] = {**run_cfg["data"], "augment_rounds": None}
-    return OmegaConf.create(run_cfg)
-
-
-def teacher_key(run_cfg: DictConfig) -> str:
-    """Cache key: architecture plus a hash of everything that changes the trained weights."""
-    full = OmegaConf.to_container(run_cfg, resolve=True)
-    recipe = {
-        key: full.get(key) for key in ("student", "data", "optim", "sched", "epochs", "seed")
-    }
-    recipe["data"].pop("num_workers", None)
-    recipe["precision"] = run_cfg.trainer.get("precision")
-    digest = hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(recipe)).encode()).hexdigest()
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(run_cfg.student.get("name", "teacher")))
-    return f"{name}-{digest[:12]}"
-
-
-def cached_teacher(cfg: DictConfig) -> Path:
-    """The file of the teacher ``cfg.teacher`` trained on ``cfg``'s data and recipe, trained
-    now (with ``distiller=none``) unless an earlier run cached it.
-
-    Teachers live under ``<teacher_store>/<arch>-<hash>/teacher.pt``; an interrupted teacher
-    training resumes from its last checkpoint.
-    """
-    from distill_zoo import train  # late import: train uses this module
-
-    run_cfg = teacher_training_config(cfg)
-    run_dir = Path(cfg.teacher_store).expanduser() / teacher_key(run_cfg)
-    cached = run_dir / TEACHER_FILE
-    if not cached.is_file():
-        log.info(
-            "No teacher.ckpt given: training teacher %s once, cached in %s",
-            run_cfg.student.name,
-            run_dir,
-        )
-        metrics = train.run(run_cfg, run_dir)
-        best = extract_state_dict(
-            torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-        )
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # one per DDP process
-        torch.save(best, tmp)
-        tmp.replace(cached)  # atomic: a crash never leaves a half-written teacher
-    else:
-        log.info("Using cached teacher %s", cached)
-    return cached
-
-
-def train_or_load_cached(cfg: DictConfig, model: nn.Module) -> nn.Module:
-    """Fills ``model`` with the teacher of :func:`cached_teacher`, training it once."""
-    return load_weights(model, cached_teacher(cfg))

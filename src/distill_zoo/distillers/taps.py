@@ -9,7 +9,9 @@ pre-activation of the last block of ``layer3`` (what AB and OFD distil).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -92,3 +94,62 @@ class FeatureTap:
             handle.remove()
         self._handles.clear()
         self.features = {}
+
+
+def probe_shapes(
+    model: nn.Module, names: list[str], example_input: Tensor
+) -> dict[str, tuple[int, ...]]:
+    """Output shapes of the layers ``names`` of ``model`` on ``example_input``.
+
+    Runs one forward pass in eval mode without gradients, so BatchNorm statistics are left
+    as they were, and restores the model's train/eval mode afterwards.
+    """
+    tap = FeatureTap(model, names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+        return {name: tuple(feature.shape) for name, feature in tap.pop().items()}
+    finally:
+        tap.remove()
+        model.train(was_training)
+
+
+def select_layers(
+    stages: list[str], choice: str | int | list | None, default: str | int
+) -> list[str]:
+    """Layer names from a portable choice over a model's stages (zoo ``feature_layers``).
+
+    Args:
+        stages: The model's stage layers in forward order.
+        choice: ``"all"``, ``"last"``, an int index into ``stages`` (negative counts from the
+            end), a list of such ints, a list of explicit layer names, or ``None`` for
+            ``default``.
+        default: The method's own default, in the same forms.
+
+    Raises:
+        ValueError: an index outside ``stages``, or a portable choice on a model whose config
+            names no ``feature_layers``.
+    """
+    choice = default if choice is None else choice
+    if isinstance(choice, str) and choice not in ("all", "last"):
+        return [choice]
+    if isinstance(choice, Sequence) and not isinstance(choice, str):
+        choice = list(choice)  # Hydra passes ListConfig
+        if all(isinstance(c, str) for c in choice):
+            return choice
+    if not stages:
+        raise ValueError(
+            f"layer choice {choice!r} needs the model's stage layers, but its config names no "
+            "feature_layers: add them to the student/teacher config or name layers explicitly"
+        )
+    if choice == "all":
+        return list(stages)
+    if choice == "last":
+        return [stages[-1]]
+    indices = [choice] if isinstance(choice, int) else list(choice)
+    for i in indices:
+        if not -len(stages) <= i < len(stages):
+            raise ValueError(f"stage index {i} is outside the {len(stages)} stages {stages}")
+    return [stages[i] for i in indices]

@@ -1,7 +1,8 @@
 """Reading run folders: which folders below a directory are runs, their overrides, status
 (finished, running, crashed), seed, validation curve and metrics, and a finished run's config
 and evaluation data (for export, the compression report and the softened-prediction plot).
-:mod:`distill_zoo.report` tabulates what this reads; :mod:`distill_zoo.plots` draws it."""
+:mod:`distill_zoo.results.report` tabulates what this reads; :mod:`distill_zoo.results.plots`
+draws it."""
 
 from __future__ import annotations
 

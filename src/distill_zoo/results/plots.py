@@ -18,14 +18,14 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from distill_zoo.report import Group, Report
-from distill_zoo.runs import (
+from distill_zoo.results.runs import (
     CRASHED,
     FINISHED,
     is_distillation_key,
     override_key,
     training_curve,
 )
+from distill_zoo.results.table import Group, Report
 
 ACCURACY_PANELS = {
     "test_acc1_best": "test top-1, checkpoint best on val (%)",

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from distill_zoo import teachers
-from distill_zoo.runs import PLOTS, evaluation_data, load_config
-from distill_zoo.train import build_model
+from distill_zoo.build import build_model
+from distill_zoo.results.runs import PLOTS, evaluation_data, load_config
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def softmax_figure_for(
     Returns:
         The PNG written, ``softmax_T_test<index>.png``.
     """
-    from distill_zoo import plots
+    from distill_zoo.results import plots
 
     checkpoint, run = find_checkpoint(path)
     cfg = load_config(run)

@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from distill_zoo.models.ensemble import TeacherRoute
-from distill_zoo.teacher_cache import TeacherOutputCache
+from distill_zoo.teachers.cache import TeacherOutputCache
+from distill_zoo.teachers.ensemble import TeacherRoute
 
 log = logging.getLogger(__name__)
 

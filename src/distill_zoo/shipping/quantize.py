@@ -44,20 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_zoo.compression import cpu_latency_ms, weights_file_bytes
+from distill_zoo.shipping.compression import cpu_latency_ms, weights_file_bytes
+from distill_zoo.teachers.checkpoints import RANGE_BUFFERS, is_range_key  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-RANGE_BUFFERS = ("act_min", "act_max")
-"""Buffers a quantized layer adds to its state dict (the observed input range)."""
-
 Batches = Iterable[tuple[Tensor, Tensor]]
 Evaluate = Callable[[nn.Module, Batches], float]
-
-
-def is_range_key(key: str) -> bool:
-    """Whether a state-dict key is a quantized layer's input range (absent in float models)."""
-    return key.rsplit(".", 1)[-1] in RANGE_BUFFERS
 
 
 class _FakeQuant:

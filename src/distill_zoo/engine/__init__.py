@@ -1,0 +1,1 @@
+"""How training runs fast and in parallel: speed switches and DDP collectives."""

@@ -1,0 +1,1 @@
+"""Shipping the student: compression report, ONNX/TorchScript export, quantization."""
