@@ -17,7 +17,8 @@ register_resolvers()
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Runs one training, or the stages of ``pipeline=<name>`` (with ``-m``, one job of a
-    sweep); returns the best val top-1 of the run (of a pipeline's last stage)."""
+    sweep); returns the best value of the run's monitored metric (val top-1 for
+    classification), of a pipeline's last stage."""
     from distill_zoo import train
     from distill_zoo.pipelines import runner as pipeline
 
@@ -28,7 +29,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
     else:
         metrics = train.run(cfg, run_dir)
-    return metrics["best_val_acc1"]
+    # The monitored metric (best val top-1 for classification): what an Optuna search optimises.
+    return metrics["best_val_" + metrics["monitor"].split("/", 1)[1]]
 
 
 def _route_lightning_logs_through_hydra() -> None:

@@ -20,6 +20,7 @@ from distill_zoo import teachers
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.engine import speed
 from distill_zoo.module import DistillationModule
+from distill_zoo.tasks import ClassificationTask, Task
 from distill_zoo.teachers import TeacherEnsemble, TeacherRoute
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,41 @@ def quant_spec(cfg: DictConfig):
     return instantiate(cfg.quantize) if cfg.get("quantize") else None
 
 
+def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> Task:
+    """The task ``cfg.task`` names (classification when the config has none), set up with the
+    data; fails when the data serves another task."""
+    node = cfg.get("task")
+    if node is None:
+        task: Task = ClassificationTask()
+    else:
+        task = instantiate({k: v for k, v in node.items() if k != "name"})
+    task.setup(datamodule)
+    return task
+
+
+def check_models(
+    task: Task, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor
+) -> None:
+    """Fails at start-up when the student or the teacher does not predict what the task needs
+    (a classifier as a segmentation student, say)."""
+    task.check_model(student, example, "student")
+    if teacher is not None and not isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
+        task.check_model(teacher, example, "teacher")
+
+
+def check_first_batches(task: Task, datamodule: L.LightningDataModule) -> None:
+    """Fails at start-up when the data's first training and validation batches do not hold
+    what the task needs (a mask class beyond ``num_classes``, a box outside its image)."""
+    if task.name == "classification":
+        return  # class ids are checked by the loss; nothing to decode here
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
+        batch = next(iter(loader))
+        transfer = getattr(datamodule, "transfer_batch_to_device", None)
+        if transfer is not None:
+            batch = transfer(batch, torch.device("cpu"), 0)
+        task.check_batch(batch)
+
+
 def build_run(
     cfg: DictConfig, train_teacher: TeacherTrainer | None = None
 ) -> tuple[L.LightningDataModule, DistillationModule]:
@@ -181,21 +217,30 @@ def build_run(
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    task = build_task(cfg, datamodule)
+    check_first_batches(task, datamodule)
     num_classes, in_channels = datamodule.num_classes, datamodule.in_channels
     teacher = build_teacher(cfg, num_classes, in_channels, train_teacher)
     # Re-seed: the student starts the same whether its teacher was just trained or cached.
     L.seed_everything(cfg.seed, workers=True)
     student = build_model(cfg.student, num_classes, in_channels)
+    check_models(task, student, teacher, example_input(datamodule))
     quant = quant_spec(cfg)
     if quant is not None:  # before the taps: layers are swapped in place, names kept
+        if task.name != "classification":
+            raise ValueError(
+                f"quantize={cfg.quantize.get('name', 'on')} serves task=classification only "
+                f"(its report measures top-1): set quantize=none for task={task.name}"
+            )
         quant.prepare(student, example_input(datamodule))
     context = DistillContext(
+        task=task.name,
         student_stages=list(cfg.student.get("feature_layers") or []),
         teacher_stages=teacher_stages(cfg, teacher),
         example_input=example_input(datamodule),
         num_classes=num_classes,
         num_train_samples=datamodule.num_train_samples,
-        train_targets=datamodule.train_targets,
+        train_targets=getattr(datamodule, "train_targets", None),
     )
     distiller = instantiate(cfg.distiller, student=student, teacher=teacher, context=context)
     check_ensemble_use(teacher, distiller)
@@ -208,6 +253,7 @@ def build_run(
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         num_classes=num_classes,
         distill_epochs=cfg.get("distill_epochs"),
+        task=task,
         # conf/speed/ holds the defaults; a config without a key keeps the module's own.
         **{key: fast[key] for key in MODULE_SPEED_KEYS if key in fast},
         teacher_cache=speed.build_teacher_cache(fast, datamodule, teacher, num_classes),
@@ -221,5 +267,7 @@ def build_run(
 
 def example_input(datamodule: L.LightningDataModule) -> torch.Tensor:
     """Two zero inputs of the data's shape, for dry forward passes."""
-    height, width = datamodule.image_size
-    return torch.zeros(2, datamodule.in_channels, height, width)
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is None:
+        shape = (datamodule.in_channels, *datamodule.image_size)
+    return torch.zeros(2, *shape)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
-from distill_zoo.distillers.base import Distiller, StepOutputs
+from distill_zoo.distillers.base import Distiller
 from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.engine.collectives import all_gather_rows
-from distill_zoo.losses import cross_entropy
+from distill_zoo.tasks import ClassificationTask, StepOutputs, Task
 from distill_zoo.teachers.cache import TeacherOutputCache
 
 # The frozen teacher is in eval mode on purpose; Lightning would warn about it every fit.
@@ -58,15 +58,18 @@ def _numpy_state_from_safe(state: dict) -> tuple:
 
 
 class DistillationModule(L.LightningModule):
-    """Trains ``student`` with the loss terms of ``distiller``, reading a frozen ``teacher``.
+    """Trains ``student`` with the loss terms of ``distiller``, reading a frozen ``teacher``,
+    on the task ``task`` (what a batch, a prediction, the task loss and the metrics are).
 
     The teacher stays in eval mode for the whole run (its BatchNorm statistics never move),
     runs under ``torch.no_grad()``, and is not in the optimizer. The student and the
     distiller's own trainable parts (regressors, embeddings) are.
 
-    Logged: ``train/loss`` and each ``train/loss_<term>``; student ``{train,val,test}/acc1``
-    and ``{val,test}/acc5``; teacher ``{val,test}/teacher_acc1`` and teacher-student
-    ``{val,test}/agreement`` (fraction of equal argmax).
+    Logged: ``train/loss`` and each ``train/loss_<term>``; the task's metrics of the student,
+    the teacher and their agreement per evaluation stage (``val/acc1``, ``val/teacher_acc1``,
+    ``val/agreement`` for classification; ``val/miou``, ``val/map``, ``val/mae`` for the
+    others). A non-finite loss stops the run with an error naming the term, the epoch and the
+    step; the checkpoints written so far are kept.
 
     Args:
         student: Network being trained.
@@ -74,10 +77,13 @@ class DistillationModule(L.LightningModule):
         distiller: Produces the weighted loss terms.
         optimizer: Builds the optimizer from parameters (a Hydra ``_partial_`` config).
         scheduler: Builds an epoch-wise learning-rate scheduler, or ``None``.
-        num_classes: Classes of the data set, for the accuracy metrics.
+        num_classes: Classes of the data set, for a classification task made here when
+            ``task`` is ``None``.
         distill_epochs: Distil only during the first ``distill_epochs`` epochs, then train on
-            the labels alone (cross-entropy, weight 1; Cho & Hariharan's early-stopped KD,
-            ICCV 2019); ``None``: distil throughout.
+            the task loss alone (weight 1; Cho & Hariharan's early-stopped KD, ICCV 2019);
+            ``None``: distil throughout.
+        task: The task (:mod:`distill_zoo.tasks`), set up with the data; ``None``:
+            classification over ``num_classes`` classes.
         channels_last: Keep models and images in NHWC memory format (faster convolutions on
             tensor cores and oneDNN).
         teacher_inference_mode: Run the teacher under ``torch.inference_mode()`` (no autograd
@@ -95,9 +101,10 @@ class DistillationModule(L.LightningModule):
         distiller: Distiller,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
-        num_classes: int,
+        num_classes: int | None = None,
         distill_epochs: int | None = None,
         *,
+        task: Task | None = None,
         channels_last: bool = False,
         teacher_inference_mode: bool = True,
         teacher_bf16: bool = False,
@@ -106,6 +113,11 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if distill_epochs is not None and distill_epochs < 0:
             raise ValueError(f"distill_epochs must be >= 0 or null, got {distill_epochs}")
+        if task is None:
+            if not num_classes:
+                raise ValueError("DistillationModule needs a task or num_classes")
+            task = ClassificationTask(num_classes)
+        self.task = task
         self.distill_epochs = distill_epochs
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
@@ -129,6 +141,11 @@ class DistillationModule(L.LightningModule):
                 f"reads no teacher features ({type(distiller).__name__} reads "
                 f"{distiller.layers()[1]}); set speed.teacher_cache=false"
             )
+        if teacher_cache is not None and task.name != "classification":
+            raise ValueError(
+                f"the teacher cache keeps class logits per sample: task={task.name} is not "
+                "served; set speed.teacher_cache=false"
+            )
         self.teacher_cache = teacher_cache
         if self.teacher is not None and teacher_bf16:
             self.teacher.to(torch.bfloat16)
@@ -139,23 +156,9 @@ class DistillationModule(L.LightningModule):
         self.teacher_tap = (
             FeatureTap(teacher, teacher_layers, role="teacher") if teacher is not None else None
         )
-        top5 = min(5, num_classes)
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.eval_metrics = nn.ModuleDict(
-            {
-                stage: MetricCollection(
-                    {
-                        "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                        "acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
-                        "teacher_acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                        "agreement": MeanMetric(),
-                    },
-                    prefix=f"{stage}/",
-                    compute_groups=False,
-                )
-                for stage in ("val", "test")
-            }
-        )
+        self.train_metric = task.train_metric()
+        self.eval_metrics = nn.ModuleDict({stage: task.metrics() for stage in ("val", "test")})
+        self._logged: dict[str, list[str]] = {"val": [], "test": []}
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switches the student and distiller; the teacher always stays in eval mode."""
@@ -164,10 +167,13 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()
         return self
 
+    def _layout(self, inputs: Tensor) -> Tensor:
+        return inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
+
     def _teacher_forward(
         self, images: Tensor, indices: Tensor | None = None, aug_keys: Tensor | None = None
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Teacher logits and tapped features; cached logits where the cache holds them."""
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """Teacher prediction and tapped features; cached logits where the cache holds them."""
         if self.teacher is None:
             return None, {}
         if self.teacher_cache is None or aug_keys is None:
@@ -185,15 +191,17 @@ class DistillationModule(L.LightningModule):
             self.teacher_cache.store(*computed, self.current_epoch)
         return logits, {}
 
-    def _run_teacher(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _run_teacher(self, images: Tensor) -> tuple[Any, dict[str, Tensor]]:
         inputs = images if self.teacher_dtype is None else images.to(self.teacher_dtype)
         with torch.inference_mode() if self.teacher_inference_mode else torch.no_grad():
-            logits = self.teacher(inputs)
+            prediction = self.task.predict(self.teacher, inputs)
             features = self.teacher_tap.pop()
         # Outside inference mode, so that losses may save them for the student's backward;
         # a bf16 teacher's outputs meet the fp32 student as fp32.
         upcast = self.teacher_dtype is not None
-        return _ordinary(logits, upcast), {k: _ordinary(v, upcast) for k, v in features.items()}
+        if isinstance(prediction, Tensor):
+            prediction = _ordinary(prediction, upcast)
+        return prediction, {k: _ordinary(v, upcast) for k, v in features.items()}
 
     def on_train_epoch_end(self) -> None:
         for name, value in self.distiller.monitored().items():
@@ -210,35 +218,40 @@ class DistillationModule(L.LightningModule):
     def _distilling(self) -> bool:
         return self.distill_epochs is None or self.current_epoch < self.distill_epochs
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
         images, targets, indices = batch[:3]
         # The on-device data path adds each sample's augmentation key (teacher cache).
         aug_keys = batch[3] if len(batch) > 3 else None
-        images = images.contiguous(memory_format=self.memory_format)
+        images = self._layout(images)
         if not self._distilling():
-            student_logits = self.student(images)
+            prediction, outputs = self.task.student_forward(self.student, images, targets)
             self.student_tap.pop()
-            terms = {"ce": cross_entropy(student_logits, targets)}
-            return self._log_step(terms, student_logits, targets)
-        teacher_logits, teacher_features = self._teacher_forward(images, indices, aug_keys)
-        student_logits = self.student(images)
-        terms = self.distiller(
-            StepOutputs(
-                images=images,
-                targets=targets,
-                indices=indices,
-                student_logits=student_logits,
-                teacher_logits=teacher_logits,
-                student_features=self.student_tap.pop(),
-                teacher_features=teacher_features,
-                epoch=self.current_epoch,
+            out = StepOutputs(
+                images, targets, indices, prediction, student_outputs=outputs, task=self.task
             )
+            return self._log_step({self.task.task_term: out.task_loss()}, out, batch_idx)
+        teacher_prediction, teacher_features = self._teacher_forward(images, indices, aug_keys)
+        prediction, outputs = self.task.student_forward(self.student, images, targets)
+        teacher_is_tensor = isinstance(teacher_prediction, Tensor)
+        out = StepOutputs(
+            images=images,
+            targets=targets,
+            indices=indices,
+            student_logits=prediction,
+            teacher_logits=teacher_prediction if teacher_is_tensor else None,
+            student_features=self.student_tap.pop(),
+            teacher_features=teacher_features,
+            epoch=self.current_epoch,
+            student_outputs=outputs,
+            teacher_outputs={} if teacher_is_tensor else {"predictions": teacher_prediction},
+            task=self.task,
         )
-        return self._log_step(terms, student_logits, targets)
+        return self._log_step(self.distiller(out), out, batch_idx)
 
-    def _log_step(self, terms: dict[str, Tensor], student_logits: Tensor, targets: Tensor):
+    def _log_step(self, terms: dict[str, Tensor], out: StepOutputs, batch_idx: int) -> Tensor:
         loss = torch.stack(list(terms.values())).sum()
-        batch_size = targets.shape[0]
+        self._stop_if_not_finite(loss, terms, batch_idx)
+        batch_size = self.task.batch_size(out.images)
         for name, value in terms.items():
             self.log(
                 f"train/loss_{name}",
@@ -257,49 +270,78 @@ class DistillationModule(L.LightningModule):
             batch_size=batch_size,
             sync_dist=True,
         )
-        self.train_acc1(student_logits.detach(), targets)
-        self.log(
-            "train/acc1", self.train_acc1, on_step=False, on_epoch=True, batch_size=batch_size
-        )
-        return loss
-
-    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
-        images, targets = batch[0].contiguous(memory_format=self.memory_format), batch[1]
-        student_logits = self.student(images)
-        self.student_tap.pop()
-        teacher_logits, _ = self._teacher_forward(images)
-        metrics = self.eval_metrics[stage]
-        metrics["acc1"].update(student_logits, targets)
-        metrics["acc5"].update(student_logits, targets)
-        batch_size = images.shape[0]
-        self.log(
-            f"{stage}/loss_ce",
-            cross_entropy(student_logits, targets),
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
-        logged = ["acc1", "acc5"]
-        if teacher_logits is not None:
-            metrics["teacher_acc1"].update(teacher_logits, targets)
-            metrics["agreement"].update(
-                (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
-            )
-            logged += ["teacher_acc1", "agreement"]
-        for name in logged:
+        if self.train_metric is not None:
+            self.train_metric(out.student_logits.detach(), out.targets)
             self.log(
-                f"{stage}/{name}",
-                metrics[name],
+                f"train/{self.task.monitor.name}",
+                self.train_metric,
+                on_step=False,
                 on_epoch=True,
-                prog_bar=name == "acc1",
                 batch_size=batch_size,
             )
+        return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    def _stop_if_not_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
+        """Stops a diverged run at its first non-finite loss, before the optimizer applies it
+        (the last checkpoint stays the last good one). Every process stops together."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        trainer = self._trainer  # None when a test steps the module by hand
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        culprits = [name for name, value in values.items() if not math.isfinite(value)]
+        raise FloatingPointError(
+            f"the loss is not finite at epoch {self.current_epoch}, step {batch_idx} of the "
+            f"epoch (global step {self.global_step}): term(s) "
+            f"{', '.join(culprits) or '(another process)'} = "
+            f"{', '.join(str(values[c]) for c in culprits)}. The run is stopped; its last "
+            "checkpoint (checkpoints/last.ckpt) holds the last finished epoch. Lower optim.lr, "
+            "check the data, or the distiller's weights"
+        )
+
+    def _evaluate(self, batch: tuple, stage: str) -> None:
+        images, targets = self._layout(batch[0]), batch[1]
+        prediction = self.task.predict(self.student, images)
+        self.student_tap.pop()
+        teacher_prediction, _ = self._teacher_forward(images)
+        batch_size = self.task.batch_size(images)
+        loss = self.task.eval_loss(prediction, targets)
+        if loss is not None:
+            self.log(
+                f"{stage}/loss_{self.task.task_term}",
+                loss,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
+        self._logged[stage] = self.task.update(
+            self.eval_metrics[stage], prediction, teacher_prediction, targets
+        )
+
+    def _log_metrics(self, stage: str) -> None:
+        metrics = self.eval_metrics[stage]
+        names = self._logged[stage]
+        if not names:
+            return
+        # torchmetrics gathers each metric's state over all processes in compute().
+        for name, value in self.task.compute(metrics, names).items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == self.task.monitor.name)
+        metrics.reset()
+        self._logged[stage] = []
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
 
     def configure_optimizers(self):
         # The teacher is frozen and not a parameter owner here; distiller parts train.

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +18,7 @@ from distill_zoo.build import build_run, count_parameters, example_input, quant_
 from distill_zoo.engine import speed
 from distill_zoo.module import DistillationModule
 from distill_zoo.shipping import compression
+from distill_zoo.tasks import Monitor, Task
 from distill_zoo.teachers import store
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,43 @@ def ddp_strategy(cfg: DictConfig, module: DistillationModule) -> dict:
     return {}
 
 
+TRAINER_KEYS_SET_BY_THE_RUN = {
+    "max_epochs": "epochs=<n> (the schedules follow it too)",
+    "default_root_dir": "output_root=<dir> or hydra.run.dir=<dir>",
+    "logger": "logger=<csv|default|none>",
+    "callbacks": "callbacks=<default|none> or callbacks.<name>=<config>",
+}
+"""Trainer arguments every run sets itself, and the setting that changes each."""
+
+
+def refuse_ignored_trainer_keys(cfg: DictConfig) -> None:
+    """Fails when the config sets a Trainer argument the run would overwrite (say
+    ``++trainer.max_epochs=2``, which would otherwise run ``epochs`` epochs in silence)."""
+    for key, instead in TRAINER_KEYS_SET_BY_THE_RUN.items():
+        if cfg.trainer.get(key) is not None:
+            raise ValueError(
+                f"trainer.{key}={cfg.trainer.get(key)} would be ignored: each run sets it from "
+                f"its own config. Use {instead}"
+            )
+
+
+def needs_logger(callback: object) -> bool:
+    """Callbacks that fail without a logger (Lightning's LearningRateMonitor)."""
+    return isinstance(callback, LearningRateMonitor)
+
+
 def build_trainer(
     cfg: DictConfig, run_dir: Path, callbacks: list, module: DistillationModule | None = None
 ) -> L.Trainer:
+    refuse_ignored_trainer_keys(cfg)
     loggers = [
         instantiate(node, save_dir=str(run_dir / "logs"))
         for node in (cfg.get("logger") or {}).values()
     ]
     extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    if not loggers and any(needs_logger(c) for c in extra):
+        log.info("logger=none: the learning-rate monitor is left out (it writes to a logger)")
+        extra = [c for c in extra if not needs_logger(c)]
     if cfg.get("save_every_n_epochs"):
         # Anchors along the route (RCO) and early-stopped teachers (ESKD) pick these.
         extra.append(
@@ -110,11 +140,12 @@ def build_trainer(
                 auto_insert_metric_name=False,
             )
         )
+    monitor = module.task.monitor if module is not None else Monitor("acc1", "max")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-{epoch:03d}",
-        monitor="val/acc1",
-        mode="max",
+        monitor=monitor.key,
+        mode=monitor.mode,
         auto_insert_metric_name=False,
     )
     last = LastCheckpoint(dirpath=run_dir / "checkpoints")
@@ -170,11 +201,25 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    refuse_ignored_trainer_keys(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     warn_about_schedule(cfg)
 
-    datamodule, module = build(cfg)
+    teacher_seconds = None
+
+    def train_teacher(run_cfg: DictConfig) -> Path:
+        # A teacher trained on demand is its own run: its time is not this run's.
+        nonlocal teacher_seconds
+        if store.entry(run_cfg).cached:
+            return ensure_teacher(run_cfg)
+        began = time.perf_counter()
+        try:
+            return ensure_teacher(run_cfg)
+        finally:
+            teacher_seconds = (teacher_seconds or 0.0) + time.perf_counter() - began
+
+    datamodule, module = build_run(cfg, train_teacher=train_teacher)
     trainer = build_trainer(cfg, run_dir, callbacks or [], module)
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
@@ -190,17 +235,12 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     last = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     best = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     metrics = {
-        "best_val_acc1": best_score,
-        "test_acc1_best": best.get("test/acc1"),
-        "test_acc5_best": best.get("test/acc5"),
-        "test_acc1_last": last.get("test/acc1"),
-        "test_acc5_last": last.get("test/acc5"),
-        "teacher_test_acc1": best.get("test/teacher_acc1"),
-        "test_agreement_best": best.get("test/agreement"),
+        **task_metrics(module.task, best_score, best, last),
         "student_params": count_parameters(module.student),
         "teacher_params": count_parameters(module.teacher),
         "epochs": trainer.current_epoch,
-        "wall_time_s": round(time.perf_counter() - started, 2),
+        "wall_time_s": round(time.perf_counter() - started - (teacher_seconds or 0.0), 2),
+        **({"teacher_training_s": round(teacher_seconds, 2)} if teacher_seconds else {}),
         **speed.peak_memory_mb(module.device),
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
@@ -222,19 +262,49 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     return metrics
 
 
+def task_metrics(task: Task, best_score: float | None, best: dict, last: dict) -> dict:
+    """``metrics.json``'s results of ``task``: ``best_val_<monitor>``, each summary metric's
+    ``test_<name>_best``/``_last``, the teacher's ``teacher_test_<name>``, the agreement, and
+    every test metric of both checkpoints (``test_best``/``test_last``)."""
+    metrics: dict = {"task": task.name, "monitor": task.monitor.key}
+    metrics[f"best_val_{task.monitor.name}"] = best_score
+    for name in task.summary_metrics:
+        metrics[f"test_{name}_best"] = best.get(f"test/{name}")
+    for name in task.summary_metrics:
+        metrics[f"test_{name}_last"] = last.get(f"test/{name}")
+    for name in task.teacher_metrics:
+        metrics[f"teacher_test_{name}"] = best.get(f"test/teacher_{name}")
+    metrics["test_agreement_best"] = best.get("test/agreement")
+    metrics["test_best"] = {k.removeprefix("test/"): v for k, v in best.items()}
+    metrics["test_last"] = {k.removeprefix("test/"): v for k, v in last.items()}
+    return metrics
+
+
+METRIC_TITLES = {"acc1": "top-1", "miou": "mIoU", "map": "mAP", "mae": "MAE"}
+FRACTIONS = ("acc", "miou", "pixel_acc", "map", "agreement")
+
+
+def shown(name: str, value: float | None) -> str:
+    """A metric as a person reads it: fractions in %, errors as numbers."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}%" if name.startswith(FRACTIONS) else f"{value:.4g}"
+
+
 def summary(metrics: dict) -> str:
-    """One line a person reads at the end of a run: accuracy, time and peak memory."""
-
-    def pct(value) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
+    """One line a person reads at the end of a run: the task's metric, time and peak memory."""
+    name = metrics.get("monitor", "val/acc1").split("/", 1)[1]
+    title = METRIC_TITLES.get(name, name)
     memory = f"peak RSS {metrics['peak_rss_mb']:.0f} MB"
     if "peak_gpu_memory_mb" in metrics:
         memory += f", peak GPU memory {metrics['peak_gpu_memory_mb']:.0f} MB"
+    teacher_time = metrics.get("teacher_training_s")
+    teacher_time = f" (teacher trained first in {teacher_time:.0f} s)" if teacher_time else ""
     return (
-        f"run summary: test top-1 {pct(metrics['test_acc1_best'])} (best val checkpoint), "
-        f"{pct(metrics['test_acc1_last'])} (last); teacher {pct(metrics['teacher_test_acc1'])}; "
-        f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s; {memory}"
+        f"run summary: test {title} {shown(name, metrics.get(f'test_{name}_best'))} (best val "
+        f"checkpoint), {shown(name, metrics.get(f'test_{name}_last'))} (last); teacher "
+        f"{shown(name, metrics.get(f'teacher_test_{name}'))}; {metrics['epochs']} epochs in "
+        f"{metrics['wall_time_s']:.0f} s{teacher_time}; {memory}"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import (
+    ALL_TASKS,
     DistillContext,
     Distiller,
     StepOutputs,
@@ -46,6 +47,8 @@ class AT(Distiller):
         kd_weight: Weight of an added Hinton KD term (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

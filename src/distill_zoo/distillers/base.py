@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from distill_zoo.distillers.context import DistillContext
 from distill_zoo.distillers.layers import embedding
 from distill_zoo.distillers.taps import probe_shapes, select_layers  # noqa: F401  (re-exported)
-from distill_zoo.losses import cross_entropy, kd_loss
-
-
-@dataclass
-class StepOutputs:
-    """Everything one training step produced that a distiller may read.
-
-    ``student_features``/``teacher_features`` hold the outputs of the layers the distiller
-    asked for in :meth:`Distiller.layers`, keyed by layer name.
-    """
-
-    images: Tensor
-    targets: Tensor
-    indices: Tensor
-    student_logits: Tensor
-    teacher_logits: Tensor | None = None
-    student_features: dict[str, Tensor] = field(default_factory=dict)
-    teacher_features: dict[str, Tensor] = field(default_factory=dict)
-    epoch: int = 0
+from distill_zoo.losses import kd_loss, mse_to_teacher
+from distill_zoo.tasks.base import TASKS, StepOutputs
 
 
 class Distiller(nn.Module):
@@ -51,6 +33,8 @@ class Distiller(nn.Module):
     """
 
     requires_teacher: bool = True
+    tasks: tuple[str, ...] = ("classification",)
+    """The tasks this method serves (``task=<name>``); building it for another one fails."""
 
     def __init__(
         self,
@@ -71,6 +55,18 @@ class Distiller(nn.Module):
         if kd_temperature <= 0:
             raise ValueError(f"the KD temperature must be > 0, got {kd_temperature}")
         self.context = context or DistillContext()
+        task = self.context.task
+        if task not in self.tasks:
+            raise ValueError(
+                f"{type(self).__name__} does not serve task={task}: it serves "
+                f"{', '.join(self.tasks)}. Pick a distiller made for {task} (see the README's "
+                "distiller table) or another task"
+            )
+        if kd_weight and task == "detection":
+            raise ValueError(
+                f"{type(self).__name__}: kd_weight={kd_weight} adds logit KD, which has no "
+                "meaning for a detector in training: set kd_weight=0 for task=detection"
+            )
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
@@ -119,17 +115,28 @@ class Distiller(nn.Module):
         return {}
 
     def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
-        """The weighted hard-label cross-entropy term, omitted when its weight is 0."""
+        """The weighted task-loss term (the hard-label cross-entropy of classification and
+        segmentation, the task's ``task_term`` elsewhere), omitted when its weight is 0."""
         if self.ce_weight == 0:
             return {}
-        return {"ce": self.ce_weight * cross_entropy(out.student_logits, out.targets)}
+        return {out.task_term: self.ce_weight * out.task_loss()}
+
+    def soft_term(self, out: StepOutputs, temperature: float) -> Tensor:
+        """Hinton's KD between the task's logit rows (per sample; per pixel for
+        segmentation); output matching (MSE to the teacher) for regression."""
+        student, teacher = out.logit_rows()
+        if self.context.task == "regression":
+            return mse_to_teacher(student, teacher)
+        return kd_loss(student, teacher, temperature)
 
     def logit_terms(self, out: StepOutputs) -> dict[str, Tensor]:
         """``ce`` and, when ``kd_weight > 0``, Hinton's ``kd`` term: what every method adds
         its own term to (``loss = g*CE + a*KD + b*method``)."""
         terms = self.ce_term(out)
         if self.kd_weight:
-            terms["kd"] = self.kd_weight * kd_loss(
-                out.student_logits, out.teacher_logits, self.kd_temperature
-            )
+            terms["kd"] = self.kd_weight * self.soft_term(out, self.kd_temperature)
         return terms
+
+
+ALL_TASKS: tuple[str, ...] = TASKS
+"""What a method serves that reads only tapped features and the task loss."""

@@ -20,6 +20,8 @@ class DistillContext:
         num_train_samples: Size of the training split (memory banks are indexed by it).
         train_targets: Label of each training sample by its index (``[num_train_samples]``),
             for methods that sample by class (CRD's negatives).
+        task: The run's task (``classification``, ``segmentation``, ``detection``,
+            ``regression``).
     """
 
     student_stages: list[str] = field(default_factory=list)
@@ -28,3 +30,4 @@ class DistillContext:
     num_classes: int = 0
     num_train_samples: int = 0
     train_targets: Tensor | None = None
+    task: str = "classification"

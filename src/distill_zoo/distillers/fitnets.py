@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import (
+    ALL_TASKS,
     DistillContext,
     Distiller,
     StepOutputs,
@@ -101,6 +102,8 @@ class FitNets(Distiller):
         kd_weight: Weight of an added Hinton KD term (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

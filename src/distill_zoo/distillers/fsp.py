@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.connectors import ConvConnector, shape_mismatch
 from distill_zoo.distillers.layers import LayerChoice, pair_stages, probe_maps
 from distill_zoo.losses import fsp_loss
@@ -56,6 +56,8 @@ class FSP(Distiller):
         kd_weight: Weight of an added Hinton KD term (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

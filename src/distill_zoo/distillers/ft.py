@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import (
+    ALL_TASKS,
     DistillContext,
     Distiller,
     StepOutputs,
@@ -80,6 +81,8 @@ class FT(Distiller):
         kd_weight: Weight of an added Hinton KD term (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

@@ -26,6 +26,11 @@ class KD(Distiller):
     - ``mse_probs``: the same reduction on the softened probabilities ``softmax(./T)``, without
       a ``T^2`` factor (:func:`~distill_zoo.losses.prob_mse_loss`).
 
+    On segmentation every pixel is a sample: the soft loss compares the class distributions of
+    each pixel, averaged over pixels (the pixel-wise term of structured KD, Liu et al., CVPR
+    2019). On regression, ``kd`` is output matching: ``kd_weight * mean((s - t)^2)`` beside
+    ``ce_weight`` times the task loss (no temperature).
+
     Defaults follow the CIFAR-100 benchmark of Tian et al. (CRD, ICLR 2020): ``kl``, ``T=4``,
     ``ce_weight=0.1``, ``kd_weight=0.9``. The MSE losses have other scales: choose
     ``kd_weight`` for them yourself (Ba & Caruana train on the logit loss alone:
@@ -70,14 +75,23 @@ class KD(Distiller):
             raise ValueError(f"soft_loss must be one of {SOFT_LOSSES}, got {soft_loss!r}")
         self.soft_loss = soft_loss
         self.logit_standardize = logit_standardize
+        self.regression = self.context.task == "regression"
+        if self.regression and (soft_loss != "kl" or logit_standardize):
+            raise ValueError(
+                "on task=regression, kd is output matching (MSE to the teacher's prediction): "
+                "soft_loss and logit_standardize apply to class logits only; leave them at "
+                "their defaults"
+            )
+
+    tasks = ("classification", "segmentation", "regression")
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
-        if self.soft_loss == "kl" and not self.logit_standardize:
+        if (self.soft_loss == "kl" and not self.logit_standardize) or self.regression:
             return self.logit_terms(out)
         terms = self.ce_term(out)
         if not self.kd_weight:
             return terms
-        student, teacher = out.student_logits, out.teacher_logits
+        student, teacher = out.logit_rows()
         if self.logit_standardize:
             student, teacher = standardize_logits(student), standardize_logits(teacher)
         if self.soft_loss == "kl":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import (
+    ALL_TASKS,
     DistillContext,
     Distiller,
     StepOutputs,
@@ -37,6 +38,8 @@ class PKT(Distiller):
         kd_weight: Weight of Hinton's KD term added on top (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

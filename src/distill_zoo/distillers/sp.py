@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.layers import layer_pairs, probe_pairs
 from distill_zoo.losses import sp_loss
 
@@ -32,6 +32,8 @@ class SP(Distiller):
         kd_weight: Weight of Hinton's KD term added on top (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

@@ -1,11 +1,10 @@
-"""No distillation: cross-entropy with the labels only (teachers, vanilla baselines)."""
+"""No distillation: the task loss alone (teachers, vanilla baselines)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from distill_zoo.distillers.base import Distiller, StepOutputs
-from distill_zoo.losses import cross_entropy
+from distill_zoo.distillers.base import ALL_TASKS, Distiller, StepOutputs
 
 
 class CrossEntropyOnly(Distiller):
@@ -16,10 +15,13 @@ class CrossEntropyOnly(Distiller):
     """
 
     requires_teacher = False
+    tasks = ALL_TASKS
 
     def __init__(self, student, teacher=None, *, context=None, label_smoothing: float = 0.0):
         super().__init__(student, teacher, context=context, ce_weight=1.0)
         self.label_smoothing = label_smoothing
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {"ce": cross_entropy(out.student_logits, out.targets, self.label_smoothing)}
+        if not self.label_smoothing:
+            return {out.task_term: out.task_loss()}
+        return {out.task_term: out.task_loss(label_smoothing=self.label_smoothing)}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
 from distill_zoo.distillers.layers import layer_pairs, probe_pairs
 from distill_zoo.losses import vid_loss
 
@@ -85,6 +85,8 @@ class VID(Distiller):
         kd_weight: Weight of Hinton's KD term added on top (0: none).
         kd_temperature: Temperature of that KD term.
     """
+
+    tasks = ALL_TASKS
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from distill_zoo.losses.contrastive import (
     crd_nce_loss,
     crd_normaliser,
 )
+from distill_zoo.losses.dense import pixel_kd_loss
 from distill_zoo.losses.features import (
     HCL_LEVELS,
     ab_loss,
@@ -49,6 +50,7 @@ from distill_zoo.losses.logits import (
     top1_agreement,
     virtual_teacher,
 )
+from distill_zoo.losses.regression import mse_to_teacher
 from distill_zoo.losses.relational import (
     CC_MODES,
     DARKRANK_TRANSFERS,
@@ -97,11 +99,13 @@ __all__ = [
     "kd_loss",
     "listmle_loss",
     "logit_mse_loss",
+    "mse_to_teacher",
     "match_spatial",
     "nckd_loss",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
+    "pixel_kd_loss",
     "pearson_correlation",
     "pkt_loss",
     "plackett_luce_log_prob",
