@@ -1,6 +1,6 @@
-"""Figures of a sweep report, as PNG: accuracy against each swept numeric key, training
-curves, teacher vs. student accuracy, and a teacher's prediction softened at several
-temperatures.
+"""Figures of a sweep report, as PNG: the task's metric (top-1, mIoU, mAP, MAE: the one
+that picks the best checkpoint) against each swept numeric key, validation curves of that
+metric, teacher vs. student, and a teacher's prediction softened at several temperatures.
 
 Drawn with matplotlib's object API (a :class:`~matplotlib.figure.Figure` rendered by the Agg
 canvas), never through ``pyplot``: no GUI backend is touched and no figure outlives its
@@ -25,28 +25,63 @@ from distill_zoo.results.runs import (
     override_key,
     training_curve,
 )
-from distill_zoo.results.table import Group, Report
+from distill_zoo.results.table import CLASSIFICATION, Group, Report, TaskTable, table_of
 
-ACCURACY_PANELS = {
-    "test_acc1_best": "test top-1, checkpoint best on val (%)",
-    "test_acc1_last": "test top-1, last epoch (%)",
-}
 DPI = 120
+
+
+def unit(table: TaskTable, key: str) -> str:
+    """`` (%)`` for a fraction, nothing for an error in the data's units."""
+    return "" if table.is_error(key) else " (%)"
+
+
+def panels(table: TaskTable) -> dict[str, str]:
+    """The two test values of the task's monitor a sweep figure draws, and their titles."""
+    metric = table.monitor
+    return {
+        f"test_{metric}_best": f"test {table.title}, checkpoint best on val"
+        + unit(table, f"test_{metric}_best"),
+        f"test_{metric}_last": f"test {table.title}, last epoch"
+        + unit(table, f"test_{metric}_last"),
+    }
+
+
+ACCURACY_PANELS = panels(table_of(CLASSIFICATION))
+"""Classification's panels: test top-1 of the best-on-val checkpoint and of the last epoch."""
+
+
+def _table(report: Report) -> TaskTable:
+    """The task table of ``report``'s groups (all of one task: see :func:`write_all`)."""
+    return report.groups[0].table if report.groups else table_of(CLASSIFICATION)
+
+
+def task_report(report: Report, task: str) -> Report:
+    """``report`` narrowed to the groups of ``task``."""
+    groups, common = report.groups_of(task), report.common_of(task)
+    return Report(report.root, groups, common, report.pipelines, {task: common})
 
 
 def write_all(report: Report, folder: Path) -> list[Path]:
     """Every figure the report's runs allow, written into ``folder``; returns their paths.
 
-    ``acc_vs_<key>.png`` for each swept numeric key, ``training_curves.png`` where runs
-    logged ``val/acc1``, ``teacher_vs_student.png`` where finished runs had a teacher.
+    Per task, on its monitor metric ``<m>`` (``acc`` for classification's top-1):
+    ``<m>_vs_<key>.png`` for each swept numeric key, ``training_curves.png`` where runs
+    logged ``val/<m>``, ``teacher_vs_student.png`` where finished runs had a teacher. Where
+    the folder holds runs of several tasks, the figures of each task but classification end
+    in ``_<task>``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for key in swept_keys(report):
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-        written.append(sweep_figure(report, key, folder / f"acc_vs_{name}.png"))
-    written.append(curves_figure(report, folder / "training_curves.png"))
-    written.append(teacher_student_figure(report, folder / "teacher_vs_student.png"))
+    tasks = report.tasks
+    for task in tasks:
+        part = task_report(report, task)
+        metric = "acc" if task == CLASSIFICATION else _table(part).monitor
+        tail = f"_{task}" if len(tasks) > 1 and task != CLASSIFICATION else ""
+        for key in swept_keys(part):
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+            written.append(sweep_figure(part, key, folder / f"{metric}_vs_{name}{tail}.png"))
+        written.append(curves_figure(part, folder / f"training_curves{tail}.png"))
+        written.append(teacher_student_figure(part, folder / f"teacher_vs_student{tail}.png"))
     return [path for path in written if path is not None]
 
 
@@ -59,7 +94,7 @@ def _number(value: str) -> float | None:
 
 
 def _measured(group: Group) -> bool:
-    return any(group.stat(key).n for key in ACCURACY_PANELS)
+    return any(group.stat(key).n for key in panels(group.table))
 
 
 def swept_keys(report: Report) -> list[str]:
@@ -118,22 +153,22 @@ def sweep_series(report: Report, key: str) -> tuple[dict[str, list[tuple[float, 
 
 
 def sweep_figure(report: Report, key: str, path: Path) -> Path | None:
-    """Test top-1 (best-val checkpoint, and last epoch) against ``key``: mean with std error
-    bars over seeds, one line per setting of the other overrides; where ``key`` is a
-    distillation key, the matching vanilla students as dashed horizontal lines with a band
-    of one std."""
+    """The task's test metric (top-1, mIoU, mAP, MAE; best-val checkpoint, and last epoch)
+    against ``key``: mean with std error bars over seeds, one line per setting of the other
+    overrides; where ``key`` is a distillation key, the matching vanilla students as dashed
+    horizontal lines with a band of one std. ``report``'s groups are of one task."""
     lines, baselines = sweep_series(report, key)
     if not lines:
         return None
+    table = _table(report)
+    shown = panels(table)
     xs = sorted({x for points in lines.values() for x, _ in points})
-    counts = sorted(
-        {g.stat(m).n for p in lines.values() for _, g in p for m in ACCURACY_PANELS} - {0}
-    )
+    counts = sorted({g.stat(m).n for p in lines.values() for _, g in p for m in shown} - {0})
     figure = Figure(figsize=(11, 4.6), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     colours = _colours(len(lines) + len(baselines))
     log_axis = _log_axis(xs)
-    for ax, (metric, title) in zip(axes, ACCURACY_PANELS.items(), strict=True):
+    for ax, (metric, title) in zip(axes, shown.items(), strict=True):
         for i, (colour, (label, points)) in enumerate(zip(colours, lines.items(), strict=False)):
             stats = [(x, g.stat(metric)) for x, g in points]
             stats = [(x, s) for x, s in stats if s.n]
@@ -162,9 +197,13 @@ def sweep_figure(report: Report, key: str, path: Path) -> Path | None:
         ax.set_xlabel(key)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test top-1 (%)")
+    monitor = f"test_{table.monitor}_best"
+    lower = " (lower is better)" if table.lower_is_better else ""
+    axes[0].set_ylabel(f"test {table.title}{unit(table, monitor)}{lower}")
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    figure.suptitle(f"Test top-1 vs. {key} (mean and std over seeds; seeds per point: {seeds})")
+    figure.suptitle(
+        f"Test {table.title} vs. {key} (mean and std over seeds; seeds per point: {seeds})"
+    )
     handles, labels = axes[0].get_legend_handles_labels()
     if labels:
         figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
@@ -193,9 +232,15 @@ def _numeric_axis(ax, xs: Sequence[float], log_axis: bool) -> None:
 
 
 def curves_figure(report: Report, path: Path) -> Path | None:
-    """Validation top-1 per epoch of every run, one colour per group; unfinished runs dotted."""
+    """The task's validation metric (``val/acc1``, ``val/miou``, ...) per epoch of every run,
+    one colour per group; unfinished runs dotted. ``report``'s groups are of one task."""
+    table = _table(report)
+    column, key = f"val/{table.monitor}", f"best_val_{table.monitor}"
+    scale = table.scale(key)
     curves = [
-        (group, run, training_curve(run.path)) for group in report.groups for run in group.runs
+        (group, run, training_curve(run.path, column))
+        for group in report.groups
+        for run in group.runs
     ]
     curves = [(g, r, c) for g, r, c in curves if c]
     if not curves:
@@ -212,40 +257,51 @@ def curves_figure(report: Report, path: Path) -> Path | None:
             label = f"{group.label} ({len(group.runs)} run{'s' * (len(group.runs) > 1)})"
         ax.plot(
             [epoch for epoch, _ in curve],
-            [100 * value for _, value in curve],
+            [scale * value for _, value in curve],
             color=colour_of[id(group)],
             linestyle="-" if run.status == FINISHED else ":",
             linewidth=1.5 if run.status == FINISHED else 2.5,
-            marker="X" if run.status == CRASHED else None,
+            marker="X" if run.status == CRASHED else "o" if len(curve) == 1 else None,
             markersize=9,
             markevery=[len(curve) - 1],
             alpha=0.85,
             label=label,
         )
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val top-1 (%)")
+    lower = " (lower is better)" if table.lower_is_better else ""
+    ax.set_ylabel(f"val {table.title}{unit(table, key)}{lower}")
     ax.grid(alpha=0.3)
     unfinished = any(run.status != FINISHED for _, run, _ in curves)
     note = " (dotted: unfinished; X: crashed)" if unfinished else ""
-    ax.set_title(f"Validation top-1 per epoch, every run{note}")
+    ax.set_title(f"Validation {table.title} per epoch, every run{note}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     figure.legend(loc="outside right upper", fontsize="small")
     return _save(figure, path)
 
 
 def teacher_student_figure(report: Report, path: Path) -> Path | None:
-    """Horizontal bars per group: the teacher's test top-1 and the student's (checkpoint best
-    on validation), mean with std error bars, values written at the bars' ends."""
-    groups = [g for g in report.groups if g.stat("test_acc1_best").n]
-    if not any(g.stat("teacher_test_acc1").n for g in groups):
+    """Horizontal bars per group: the teacher's test metric (top-1, mIoU, mAP, MAE) and the
+    student's (checkpoint best on validation), mean with std error bars, values written at
+    the bars' ends. ``report``'s groups are of one task."""
+    table = _table(report)
+    student_key, teacher_key = f"test_{table.monitor}_best", f"teacher_test_{table.monitor}"
+    groups = [g for g in report.groups if g.stat(student_key).n]
+    if not any(g.stat(teacher_key).n for g in groups):
         return None
+    values = [
+        s.mean + (s.std or 0.0)
+        for g in groups
+        for s in (g.stat(student_key), g.stat(teacher_key))
+        if s.n
+    ]
+    pad = 0.008 * max(values) if table.is_error(student_key) else 0.8
     height = 0.38
     figure = Figure(figsize=(9, 1.2 + 0.55 * len(groups)), layout="constrained")
     ax = figure.subplots()
     top = 0.0
     for offset, key, colour, label in (
-        (-height / 2, "teacher_test_acc1", "0.55", "teacher"),
-        (height / 2, "test_acc1_best", "tab:blue", "student"),
+        (-height / 2, teacher_key, "0.55", "teacher"),
+        (height / 2, student_key, "tab:blue", "student"),
     ):
         for i, group in enumerate(groups):
             stat = group.stat(key)
@@ -261,16 +317,22 @@ def teacher_student_figure(report: Report, path: Path) -> Path | None:
                 label=label if i == 0 or label not in ax.get_legend_handles_labels()[1] else None,
             )
             end = stat.mean + (stat.std or 0.0)
-            ax.text(end + 0.8, i + offset, _pm(stat), va="center", fontsize="small")
+            ax.text(end + pad, i + offset, _pm(stat), va="center", fontsize="small")
             top = max(top, end)
     for i, group in enumerate(groups):
-        if not group.stat("teacher_test_acc1").n:
-            ax.text(0.8, i - height / 2, "no teacher", va="center", fontsize="small", color="0.4")
+        if not group.stat(teacher_key).n:
+            ax.text(pad, i - height / 2, "no teacher", va="center", fontsize="small", color="0.4")
     ax.set_yticks(range(len(groups)), [g.label for g in groups])
     ax.invert_yaxis()
-    ax.set_xlim(0, min(100, top) * 1.18 + 1)
-    ax.set_xlabel("test top-1 (%)")
-    ax.set_title("Teacher vs. student: test top-1 (student: checkpoint best on val)", loc="left")
+    if table.is_error(student_key):
+        ax.set_xlim(0, top * 1.18 or 1.0)
+    else:
+        ax.set_xlim(0, min(100, top) * 1.18 + 1)
+    lower = ", lower is better" if table.lower_is_better else ""
+    ax.set_xlabel(f"test {table.title}{unit(table, student_key)}{lower}")
+    ax.set_title(
+        f"Teacher vs. student: test {table.title} (student: checkpoint best on val)", loc="left"
+    )
     ax.grid(axis="x", alpha=0.3)
     figure.legend(loc="outside upper right", ncols=2)
     return _save(figure, path)

@@ -2,11 +2,16 @@
 
 Finds every run folder below the given one (a folder with ``config.yaml``, or a Hydra job
 folder with ``.hydra/``), groups the runs by their command-line overrides without ``seed``,
-and shows mean +- std over seeds of best val top-1, test top-1 of the best-on-val checkpoint
-and of the last epoch (papers report either), teacher top-1, teacher-student agreement, and
-the gain over the matching vanilla student (``distiller=none`` with the same other
-overrides), paired by seed. Writes ``report.md`` and ``report.csv`` and, unless
-``--no-plots``, the figures of :mod:`distill_zoo.results.plots` into ``plots/``.
+and shows mean +- std over seeds of the task's metrics: the metric that picks the best
+checkpoint on validation (top-1, mIoU, mAP, MAE), each summary metric on the test split for
+the best-on-val checkpoint and the last epoch (papers report either), the teacher's, the
+teacher-student agreement, and the gain over the matching vanilla student (``distiller=none``
+with the same other overrides), paired by seed. Fractions (accuracy, mIoU, mAP, agreement)
+are shown in %, errors (a regression's MAE, RMSE and agreement, mean |student - teacher|) in
+the data's units; for an error the gain is vanilla minus student, so a positive gain is an
+improvement whatever the task. Runs of several tasks under one folder get one table per task.
+Writes ``report.md`` and ``report.csv`` and, unless ``--no-plots``, the figures of
+:mod:`distill_zoo.results.plots` into ``plots/``.
 
 A run without ``metrics.json`` is never dropped: it is *running* if anything in its folder
 was written in the last ``--stale-minutes`` (10), else *crashed*. Pipeline folders
@@ -16,7 +21,7 @@ stage over the seeds.
 
 ``python -m distill_zoo.report --softmax <checkpoint or run dir>`` instead draws one real
 test image's softened teacher prediction at T = 1, 2, 4, 8, 16
-(:mod:`distill_zoo.results.softened`).
+(:mod:`distill_zoo.results.softened`; classification runs only).
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ from distill_zoo.results.runs import (
     STALE_AFTER_S,
     training_curve,
 )
-from distill_zoo.results.table import COLUMNS, GAIN_METRICS, Report, collect, table_rows
+from distill_zoo.results.table import (
+    CLASSIFICATION,
+    Report,
+    TaskTable,
+    collect,
+    table_of,
+    table_rows,
+)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -65,7 +77,7 @@ def unfinished_lines(report: Report, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     lines = []
     for run in report.unfinished:
-        curve = training_curve(run.path)
+        curve = training_curve(run.path, f"val/{table_of(run.task).monitor}")
         epoch = f"last logged epoch {curve[-1][0]}, " if curve else "no epoch logged, "
         what = [" ".join(run.overrides)] * bool(run.overrides)
         what += [f"seed {run.seed}"] * (run.seed is not None)
@@ -88,8 +100,51 @@ def pipeline_lines(report: Report) -> list[str]:
     return lines
 
 
+CLASSIFICATION_TEXT = (
+    "Top-1 and agreement in %, mean +- std over the finished seeds of each group; test top-1 "
+    "of the checkpoint best on validation and of the last epoch. Gain: test top-1 minus that of "
+    "the vanilla student (distiller=none, same other overrides), mean +- std of the per-seed "
+    "differences where every seed has a vanilla run of its seed, else the difference of the "
+    "means (unpaired)."
+)
+"""The explanation above a classification table (as before tasks existed)."""
+
+TASK_TEXTS = {
+    "segmentation": "mIoU (mean intersection over union of the classes), pixel accuracy and "
+    "agreement (share of labelled pixels where student and teacher predict the same class) "
+    "in %",
+    "detection": "mAP (COCO: IoU 0.5:0.95), mAP@50, mAP@75 and agreement (mAP@50 of the "
+    "student's boxes against the teacher's boxes of score >= 0.5) in %",
+    "regression": "MAE, RMSE (over all targets; per-target MAE in report.csv) and agreement "
+    "(mean |student - teacher|: lower is closer) in the data's units, lower is better",
+}
+"""What a table's numbers are, per task."""
+
+
+def task_text(table: TaskTable) -> str:
+    """The explanation above a task's table."""
+    if table.task == CLASSIFICATION:
+        return CLASSIFICATION_TEXT
+    units = TASK_TEXTS.get(table.task, "values as metrics.json holds them")
+    if table.lower_is_better:
+        gain = (
+            f"Gain: the vanilla student's test {table.title} minus this group's (positive: "
+            "the distilled student's error is lower)"
+        )
+    else:
+        gain = f"Gain: test {table.title} minus that of the vanilla student, in percentage points"
+    return (
+        f"{units}; mean +- std over the finished seeds of each group; test metrics of the "
+        f"checkpoint best on validation {table.title} and of the last epoch. {gain} "
+        "(vanilla: distiller=none, same other overrides), mean +- std of the per-seed "
+        "differences where every seed has a vanilla run of its seed, else the difference of "
+        "the means (unpaired)."
+    )
+
+
 def markdown(report: Report, plots: list[Path] = (), out: Path | None = None) -> str:
-    """The whole ``report.md``: table, unfinished runs, pipelines, and links to ``plots``."""
+    """The whole ``report.md``: one table per task, unfinished runs, pipelines, and links
+    to ``plots``."""
     finished = sum(len(g.finished) for g in report.groups)
     counts = ", ".join(
         f"{n} {status}"
@@ -100,18 +155,29 @@ def markdown(report: Report, plots: list[Path] = (), out: Path | None = None) ->
         )
         if n or status == FINISHED
     )
-    parts = [
-        f"# Runs in {report.root}",
-        f"{len(report.runs)} runs in {len(report.groups)} groups ({counts}). Top-1 and "
-        "agreement in %, mean +- std over the finished seeds of each group; test top-1 of the "
-        "checkpoint best on validation and of the last epoch. Gain: test top-1 minus that of "
-        "the vanilla student (distiller=none, same other overrides), mean +- std of the "
-        "per-seed differences where every seed has a vanilla run of its seed, else the "
-        "difference of the means (unpaired).",
-    ]
+    tasks = report.tasks
+    summary = f"{len(report.runs)} runs in {len(report.groups)} groups ({counts})."
+    if len(tasks) > 1:
+        summary += f" Tasks: {', '.join(tasks)}: one table each."
+    parts = [f"# Runs in {report.root}"]
+    if len(tasks) <= 1:
+        table = report.groups[0].table if report.groups else table_of(CLASSIFICATION)
+        parts.append(f"{summary} {task_text(table)}")
+    else:
+        parts.append(summary)
     if report.common:
         parts.append(f"common overrides: {' '.join(report.common)}")
-    parts.append(markdown_table(table_rows(report)))
+    if len(tasks) <= 1:
+        parts.append(markdown_table(table_rows(report)))
+    else:
+        for task in tasks:
+            table = report.groups_of(task)[0].table
+            shared = [o for o in report.common_of(task) if o not in report.common]
+            common = f"common overrides of these runs: {' '.join(shared)}\n\n" if shared else ""
+            parts.append(
+                f"## task={task}\n\n{task_text(table)}\n\n{common}"
+                + markdown_table(table_rows(report, task))
+            )
     if report.unfinished:
         parts.append("## Unfinished runs\n\n" + "\n".join(unfinished_lines(report)))
     if report.pipelines:
@@ -124,14 +190,42 @@ def markdown(report: Report, plots: list[Path] = (), out: Path | None = None) ->
     return "\n\n".join(parts) + "\n"
 
 
+def csv_keys(report: Report) -> tuple[list[str], list[str]]:
+    """The metric and gain keys of the CSV: every task's table columns (in the order of
+    :meth:`Report.tasks`), and a regression's per-target MAE (``test_mae_<target>_best``
+    and ``_last``, read from ``metrics.json``'s ``test_best``/``test_last``)."""
+    metrics, gains = {}, {}
+    for task in report.tasks:
+        groups = report.groups_of(task)
+        table = groups[0].table
+        metrics.update(dict.fromkeys(table.columns))
+        gains.update(dict.fromkeys(table.gains))
+        per_target = {
+            name
+            for group in groups
+            for run in group.finished
+            for name in (run.metrics.get("test_best") or {})
+            if table.lower_is_better and name.startswith(f"{table.monitor}_")
+        }
+        for name in sorted(per_target):
+            metrics.update(dict.fromkeys([f"test_{name}_best", f"test_{name}_last"]))
+    return list(metrics), list(gains)
+
+
 def csv_rows(report: Report) -> list[dict]:
-    """One row per group, numbers unrounded: ``<metric>_mean``, ``_std``, ``_n`` in %, the
-    gains in percentage points, and one column per override key."""
+    """One row per group, numbers unrounded: ``<metric>_mean``, ``_std``, ``_n`` (fractions
+    in %, errors in the data's units), the gains (percentage points, or the data's units for
+    an error, positive when the student improved), the group's ``task``, and one column per
+    override key. A key of another task than the group's is left empty; a key several tasks
+    share (``test_agreement_best``) is in the unit of each row's task."""
     keys = sorted({k for g in report.groups for k in g.settings()})
+    metric_keys, gain_keys = csv_keys(report)
     rows = []
     for group in report.groups:
+        table = group.table
         row = {
             "group": group.label,
+            "task": group.task,
             "overrides": " ".join(group.overrides),
             "vanilla": int(group.vanilla),
             "vanilla_group": "; ".join(g.label for g in group.vanilla_groups),
@@ -141,11 +235,13 @@ def csv_rows(report: Report) -> list[dict]:
         }
         settings = group.settings()
         row.update({key: settings.get(key, "") for key in keys})
-        for key in COLUMNS:
+        row["task"] = group.task  # also where a run's config, not a task= override, says it
+        for key in metric_keys:
             stat = group.stat(key)
-            row.update({f"{key}_mean": stat.mean, f"{key}_std": stat.std, f"{key}_n": stat.n})
-        for key in GAIN_METRICS:
-            gain = None if group.vanilla else group.gain(key)
+            n = "" if not stat.n and key not in table.columns else stat.n
+            row.update({f"{key}_mean": stat.mean, f"{key}_std": stat.std, f"{key}_n": n})
+        for key in gain_keys:
+            gain = None if group.vanilla or key not in table.gains else group.gain(key)
             row[f"gain_{key}"] = gain and gain.difference
             row[f"gain_{key}_paired_mean"] = gain and gain.paired.mean
             row[f"gain_{key}_paired_std"] = gain and gain.paired.std

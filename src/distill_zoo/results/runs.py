@@ -26,6 +26,8 @@ PIPELINE_SUMMARY = "pipeline.json"
 REPORT_FILES = ("report.md", "report.csv")
 PLOTS = "plots"
 FINISHED, RUNNING, CRASHED = "finished", "running", "crashed"
+CLASSIFICATION = "classification"
+"""The task of runs whose ``metrics.json`` and config name none (made before tasks existed)."""
 
 
 # --- finding runs ----------------------------------------------------------------------------
@@ -140,6 +142,23 @@ def training_curve(run: Path, column: str = "val/acc1") -> list[tuple[int, float
     return sorted(by_epoch.items())
 
 
+def task_of_config(config) -> str:
+    """The task a run config (a dict or DictConfig) trains: ``task.name``, else
+    classification (configs written before tasks existed have no ``task``)."""
+    node = config.get("task") if config is not None else None
+    name = node.get("name") if hasattr(node, "get") else None
+    return str(name) if name else CLASSIFICATION
+
+
+def _task_of(config: dict, overrides: list[str]) -> str:
+    """The task of a run without ``metrics.json``: its config's, else its ``task=`` override
+    (a job that crashed before writing its config), else classification."""
+    if config.get("task"):
+        return task_of_config(config)
+    named = [o.split("=", 1)[1] for o in overrides if override_key(o) == "task" and "=" in o]
+    return named[-1] if named else CLASSIFICATION
+
+
 @dataclass
 class Run:
     """One run folder, read.
@@ -153,6 +172,9 @@ class Run:
         vanilla: Whether the student was trained on labels alone (``distiller=none``,
             no label smoothing): the baseline of distillation gains.
         last_write: Newest modification time of anything in the folder (seconds since epoch).
+        task: What the run trained for (``classification``, ``segmentation``, ``detection``,
+            ``regression``): ``metrics.json``'s ``task``, else its config's ``task.name``,
+            else classification (runs made before tasks existed).
     """
 
     path: Path
@@ -162,6 +184,7 @@ class Run:
     seed: int | None
     vanilla: bool
     last_write: float
+    task: str = CLASSIFICATION
 
 
 def read_run(
@@ -196,6 +219,7 @@ def read_run(
         seed=seed,
         vanilla=vanilla,
         last_write=written,
+        task=str(metrics.get("task") or _task_of(config, raw)),
     )
 
 
@@ -220,3 +244,31 @@ def evaluation_data(cfg: DictConfig):
     data.prepare_data()
     data.setup("test")
     return data
+
+
+def evaluation_batches(data, split: str = "test"):
+    """The batches of ``data``'s ``split`` (``test`` or ``val``) as the model sees them, on the
+    CPU: ``(inputs, targets, ...)``. In-memory data modules (digit scenes, tabular and pose
+    data) load indices and build each batch in ``transfer_batch_to_device``; that is done
+    here, so every task's data gives tensors."""
+    import torch
+
+    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
+    transfer = getattr(data, "transfer_batch_to_device", None)
+    for batch in loader:
+        if transfer is not None:
+            batch = transfer(batch, torch.device("cpu"), 0)
+        yield batch
+
+
+def first_inputs(data, count: int, split: str = "test"):
+    """The first ``count`` inputs of ``data``'s ``split`` (all of them if it has fewer), as one
+    float tensor: images ``[N, C, H, W]``, or rows ``[N, F]`` of tabular data."""
+    import torch
+
+    inputs = []
+    for batch in evaluation_batches(data, split):
+        inputs.append(batch[0])
+        if sum(len(b) for b in inputs) >= count:
+            break
+    return torch.cat(inputs)[:count].float()

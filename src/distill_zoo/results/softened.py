@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from distill_zoo import teachers
 from distill_zoo.build import build_model
-from distill_zoo.results.runs import PLOTS, evaluation_data, load_config
+from distill_zoo.results.runs import (
+    CLASSIFICATION,
+    PLOTS,
+    evaluation_data,
+    load_config,
+    task_of_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,19 @@ def shown_classes(probabilities: Tensor, target: int, top_k: int) -> list[int]:
     return classes
 
 
+def check_classification(cfg: DictConfig, run: Path) -> None:
+    """Fails naming the task when the run did not train a classifier: softened class
+    probabilities of one image are what a classifier's logits give; a segmenter has one
+    distribution per pixel, a detector one per box and a regressor none."""
+    task = task_of_config(cfg)
+    if task != CLASSIFICATION:
+        raise ValueError(
+            f"{run} is a task={task} run, and the softened-prediction plot draws one image's "
+            "class probabilities softmax(z / T): it serves task=classification runs only "
+            "(for other tasks, python -m distill_zoo.report <folder> draws the task's metric)"
+        )
+
+
 def load_network(
     checkpoint: Path, cfg: DictConfig, num_classes: int, in_channels: int
 ) -> nn.Module:
@@ -157,11 +176,15 @@ def softmax_figure_for(
 
     Returns:
         The PNG written, ``softmax_T_test<index>.png``.
+
+    Raises:
+        ValueError: The run is not a classification run (see :func:`check_classification`).
     """
     from distill_zoo.results import plots
 
     checkpoint, run = find_checkpoint(path)
     cfg = load_config(run)
+    check_classification(cfg, run)
     datamodule = evaluation_data(cfg)
     image, target = pick_test_image(datamodule, index)
     model = load_network(checkpoint, cfg, datamodule.num_classes, datamodule.in_channels)

@@ -9,8 +9,17 @@ into the run's ``metrics.json`` under ``"compression"``, keeping the other keys.
 
 Multiply-accumulates (MACs) are counted by :class:`torch.utils.flop_counter.FlopCounterMode`,
 which counts 2 FLOPs per multiply-accumulate of convolutions and matrix products; the report
-gives ``FLOPs / 2`` for one image. Normalisation, activations, pooling and additions are not
-counted (a small share of a CNN's work), as in the MAC counts that KD papers tabulate.
+gives ``FLOPs / 2`` for one input (an image, or a row of tabular data) of the run's data shape.
+Normalisation, activations, pooling and additions are not counted (a small share of a CNN's
+work), as in the MAC counts that KD papers tabulate.
+
+Every task's models are measured: classifiers, segmenters (MACs per image at the data's image
+size, the upsampling to full resolution not counted), MLPs on tabular rows, and torchvision
+detectors, whose eval-mode forward on a batch of images (pre-processing, backbone, RPN, box
+heads, NMS) is what the latency times. A detector's MACs are partial: operators the counter
+does not know, torchvision's RoIAlign and NMS, are run but not counted; the report lists such
+operators under ``uncounted_ops`` and says so in its ``note``. A detector's work also depends on
+the image (the boxes that survive NMS reach the box head).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from distill_zoo.shipping import export
@@ -37,7 +47,28 @@ MACS_NOTE = (
     "checkpoint); cpu_latency_ms_batch<B>: median forward time on the CPU in eval mode under "
     "torch.inference_mode, after warm-up runs"
 )
+PARTIAL_MACS_NOTE = (
+    "; macs_per_image is partial: operators listed in uncounted_ops (torchvision's RoIAlign "
+    "and NMS in a detector) ran but torch.utils.flop_counter does not count them, and a "
+    "detector's work depends on the image (boxes kept after NMS reach the box head)"
+)
 METRICS_KEY = "compression"
+COUNTED_NAMESPACES = ("aten", "prim", "prims")
+"""Operator namespaces whose multiply-accumulates the counter knows (where there are any)."""
+
+
+class _OtherOperators(TorchDispatchMode):
+    """Records the operators a forward pass runs outside PyTorch's own namespaces
+    (``torchvision::roi_align``, ``torchvision::nms``): ones the FLOP counter cannot count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace not in COUNTED_NAMESPACES:
+            self.seen.add(f"{func.namespace}::{func._opname}")
+        return func(*args, **(kwargs or {}))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -56,9 +87,17 @@ def count_macs(model: nn.Module, example_input: Tensor) -> int:
         ``FLOPs / 2`` as counted by :class:`~torch.utils.flop_counter.FlopCounterMode`
         (convolutions and matrix products; 2 FLOPs per multiply-accumulate).
     """
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    return count_macs_and_uncounted(model, example_input)[0]
+
+
+def count_macs_and_uncounted(model: nn.Module, example_input: Tensor) -> tuple[int, list[str]]:
+    """:func:`count_macs`, and the operators the forward pass ran that the counter does not
+    know (outside PyTorch's namespaces, such as ``torchvision::roi_align`` and
+    ``torchvision::nms`` in a detector): where there are any, the count is partial."""
+    others = _OtherOperators()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter, others:
         model(example_input[:1])
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops() // 2, sorted(others.seen)
 
 
 def weights_file_bytes(model: nn.Module) -> int:
@@ -123,20 +162,35 @@ def measure(
         ``params``, ``macs_per_image``, ``weights_file_bytes`` and
         ``cpu_latency_ms_batch<B>`` for each ``B`` in ``batch_sizes``.
     """
+    options = {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup}
+    return _measure(model, example_input, weights_bytes=weights_bytes, **options)[0]
+
+
+def _measure(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    weights_bytes: int | None,
+    batch_sizes: Sequence[int],
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[str, int | float], list[str]]:
+    """:func:`measure`, and the operators its MAC count could not count."""
     if weights_bytes is None:
         weights_bytes = weights_file_bytes(model)
     cpu_model = eager_cpu_copy(model)
     image = example_input[:1].detach().to("cpu", torch.float32)
+    macs, uncounted = count_macs_and_uncounted(cpu_model, image)
     result: dict[str, int | float] = {
         "params": count_parameters(model),
-        "macs_per_image": count_macs(cpu_model, image),
+        "macs_per_image": macs,
         "weights_file_bytes": int(weights_bytes),
     }
     for batch_size in batch_sizes:
         images = image.expand(batch_size, *image.shape[1:]).contiguous()
         latency = cpu_latency_ms(cpu_model, images, repeats, warmup)
         result[f"cpu_latency_ms_batch{batch_size}"] = round(latency, 4)
-    return result
+    return result, uncounted
 
 
 def compression_report(
@@ -153,9 +207,11 @@ def compression_report(
     """Teacher and student side by side: size, compute and CPU speed, and their ratios.
 
     Args:
-        student: The distilled network.
+        student: The distilled network: a classifier, segmenter, regressor or torchvision
+            detector (whose eval-mode forward takes the batch of images).
         teacher: Its teacher, or ``None`` (a run without one: no teacher column, no ratios).
-        example_input: A batch of at least one input image, e.g. ``(2, C, H, W)`` zeros.
+        example_input: A batch of at least one input of the data's shape, e.g.
+            ``(2, C, H, W)`` zeros (``build.example_input``), or ``(2, F)`` tabular rows.
         student_weights_bytes: Size of the student's weights file when one exists;
             ``None``: measured by saving its state dict to a temporary file.
         teacher_weights_bytes: The same for the teacher (e.g. the size of a ``teacher.pt``).
@@ -168,8 +224,10 @@ def compression_report(
         A JSON-ready dict: ``student`` and ``teacher`` (``None`` without one), each with
         ``params``, ``macs_per_image``, ``weights_file_bytes`` and
         ``cpu_latency_ms_batch<B>``; ``teacher_over_student`` with the ratio of each of these
-        (``None`` without a teacher); and how it was measured (``torch_threads``,
-        ``repeats``, ``warmup``, ``batch_sizes``, ``note``).
+        (``None`` without a teacher); and how it was measured (``input_shape`` of one input,
+        ``torch_threads``, ``repeats``, ``warmup``, ``batch_sizes``, ``note``). Where a
+        model ran operators the MAC counter does not know (a detector's RoIAlign and NMS),
+        ``uncounted_ops`` lists them per model and the note says the MACs are partial.
 
     Raises:
         ValueError: For an empty ``example_input``, ``repeats < 1``, ``warmup < 0`` or a
@@ -185,22 +243,29 @@ def compression_report(
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     options = {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup}
-    student_row = measure(student, example_input, weights_bytes=student_weights_bytes, **options)
-    teacher_row = (
-        None
-        if teacher is None
-        else measure(teacher, example_input, weights_bytes=teacher_weights_bytes, **options)
+    student_row, student_uncounted = _measure(
+        student, example_input, weights_bytes=student_weights_bytes, **options
     )
-    return {
+    teacher_row, teacher_uncounted = (
+        (None, [])
+        if teacher is None
+        else _measure(teacher, example_input, weights_bytes=teacher_weights_bytes, **options)
+    )
+    report = {
         "student": student_row,
         "teacher": teacher_row,
         "teacher_over_student": None if teacher_row is None else ratios(teacher_row, student_row),
+        "input_shape": list(example_input.shape[1:]),
         "torch_threads": torch.get_num_threads(),
         "batch_sizes": list(batch_sizes),
         "repeats": repeats,
         "warmup": warmup,
         "note": MACS_NOTE,
     }
+    if student_uncounted or teacher_uncounted:
+        report["uncounted_ops"] = {"student": student_uncounted, "teacher": teacher_uncounted}
+        report["note"] = MACS_NOTE + PARTIAL_MACS_NOTE
+    return report
 
 
 def ratios(teacher_row: dict, student_row: dict) -> dict[str, float | None]:
@@ -222,19 +287,34 @@ def format_report(report: dict) -> str:
     """The report as a table: one row per measure, teacher, student and teacher/student."""
     student, teacher = report["student"], report["teacher"]
     ratio = report["teacher_over_student"]
+    shape = report.get("input_shape")
+    where = ""
+    if shape:
+        where = f" for input {shape[0]} values" if len(shape) == 1 else ""
+        where = where or f" for input {'x'.join(map(str, shape))}"
     lines = [
         f"compression report (CPU latency: median of {report['repeats']} runs after "
         f"{report['warmup']} warm-up run(s), {report['torch_threads']} torch thread(s); "
-        "MACs = FLOPs/2 of torch.utils.flop_counter)",
+        f"MACs = FLOPs/2 of torch.utils.flop_counter{where})",
         f"{'':<22}{'teacher':>14}{'student':>14}{'teacher/student':>18}",
     ]
+    per = "sample" if shape is not None and len(shape) == 1 else "image"
     for key in student:
         label = ROW_LABELS.get(key) or key.replace("cpu_latency_ms_batch", "CPU latency batch ")
+        if key == "macs_per_image":
+            label = f"MACs per {per}"
         lines.append(
             f"{label:<22}"
             f"{_human(key, teacher[key] if teacher else None):>14}"
             f"{_human(key, student[key]):>14}"
             f"{'-' if not ratio or ratio[key] is None else f'{ratio[key]:.2f}x':>18}"
+        )
+    uncounted = report.get("uncounted_ops") or {}
+    named = [f"{who}: {', '.join(ops)}" for who, ops in uncounted.items() if ops]
+    if named:
+        lines.append(
+            "MACs are partial: torch.utils.flop_counter does not count these operators, which "
+            f"ran ({'; '.join(named)})"
         )
     return "\n".join(lines)
 
