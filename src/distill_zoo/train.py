@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -266,6 +267,7 @@ def task_metrics(task: Task, best_score: float | None, best: dict, last: dict) -
     """``metrics.json``'s results of ``task``: ``best_val_<monitor>``, each summary metric's
     ``test_<name>_best``/``_last``, the teacher's ``teacher_test_<name>``, the agreement, and
     every test metric of both checkpoints (``test_best``/``test_last``)."""
+    best, last = _defined(best), _defined(last)
     metrics: dict = {"task": task.name, "monitor": task.monitor.key}
     metrics[f"best_val_{task.monitor.name}"] = best_score
     for name in task.summary_metrics:
@@ -308,5 +310,10 @@ def summary(metrics: dict) -> str:
     )
 
 
+def _defined(values: dict) -> dict:
+    """``values`` with undefined (NaN) metrics as ``None``: metrics.json stays valid JSON."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
 def _float(value) -> float | None:
-    return None if value is None else float(value)
+    return None if value is None or math.isnan(float(value)) else float(value)

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from distill_zoo.config import CONF_DIR
-from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
 
 
 def load_part_config(name: str, overrides: dict | None = None):
@@ -32,6 +32,8 @@ class Combo(Distiller):
         part_overrides: Per-part hyper-parameters, ``{part name: {key: value}}``.
         ce_weight: Weight of the hard-label cross-entropy.
     """
+
+    tasks = ALL_TASKS  # each part checks the task itself, naming the one that does not fit
 
     def __init__(
         self,

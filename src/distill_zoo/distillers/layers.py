@@ -233,7 +233,10 @@ def layer_pairs(
     """Student and teacher layers, paired in order, from the portable choices.
 
     Paired by :func:`pair_layers`; besides :func:`select_layers`' forms, ``"penultimate"``
-    names the classifier's input (:func:`penultimate_layer`).
+    names the classifier's input (:func:`penultimate_layer`). A segmenter or detector has no
+    per-image classifier: there it names the model's last ``feature_layers`` entry (a
+    segmenter's head features, a detector's finest FPN level), pooled per image by the
+    relational methods.
 
     Raises:
         ValueError: no example input in ``context``, unequal numbers of layers, an index
@@ -247,6 +250,15 @@ def layer_pairs(
     s, t = pair_layers(context, student_layers, teacher_layers, default, method)
 
     def resolve(model: nn.Module, names: list[str], role: str) -> list[str]:
+        stages = context.student_stages if role == "student" else context.teacher_stages
+        if context.task in ("segmentation", "detection") and PENULTIMATE in names:
+            if not stages:
+                raise ValueError(
+                    f"{method}: on task={context.task} the 'penultimate' layer is the "
+                    f"{role}'s last feature_layers entry, but its config names none: name "
+                    f"the layer ({role}_layers=<name>)"
+                )
+            return [stages[-1] if n == PENULTIMATE else n for n in names]
         return [
             penultimate_layer(model, context.example_input, role) if n == PENULTIMATE else n
             for n in names

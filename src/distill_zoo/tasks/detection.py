@@ -138,7 +138,9 @@ class DetectionTask(Task):
                 values[name] = results["teacher"][MAP_KEYS[name.removeprefix("teacher_")]]
             else:
                 values[name] = results["student"][MAP_KEYS[name]]
-        return values
+        # torchmetrics gives -1 where there is nothing to score (no ground-truth boxes; no
+        # confident teacher box to agree with): undefined, not a score.
+        return {k: torch.where(v < 0, torch.nan, v.float()) for k, v in values.items()}
 
 
 def _class_count(model: nn.Module) -> int | None:

@@ -1,0 +1,106 @@
+"""DDP on CPU (gloo, 2 processes) for every task: each rank trains on its own shard, the
+ranks stay in sync, and the test metrics (mIoU, mAP, MAE) are gathered over both processes:
+they equal one process's evaluation of the same checkpoint on the whole test set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_ddp import WORLD, join_group, spawn
+from test_task_training import TASKS
+
+from distill_zoo.build import build_model, build_run
+from distill_zoo.config import compose
+
+RUNS = {
+    "segmentation": ["distiller=kd"],
+    "detection": ["distiller=fitnets"],
+    "regression": ["distiller=kd"],
+}
+BASE = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    f"trainer.devices={WORLD}",
+    "logger=csv",
+    "callbacks=none",
+    "epochs=1",
+]
+BASE += ["report_compression=false"]
+
+
+def config(task: str, teacher: Path):
+    return compose([*TASKS[task], *BASE, *RUNS[task], f"teacher.ckpt={teacher}"])
+
+
+def write_teachers(folder: Path) -> dict[str, Path]:
+    """A randomly initialised teacher of each task's default architecture."""
+    paths = {}
+    for task in RUNS:
+        cfg = compose(TASKS[task])
+        data = {"segmentation": (11, 3), "detection": (11, 3), "regression": (5, 3)}[task]
+        torch.manual_seed(0)
+        paths[task] = folder / f"{task}_teacher.pt"
+        torch.save(build_model(cfg.teacher, *data).state_dict(), paths[task])
+    return paths
+
+
+class Record(L.Callback):
+    """Per rank: the samples trained on, the student's weights, the test metrics."""
+
+    def __init__(self) -> None:
+        self.state: dict = {"seen": []}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.state["seen"] += batch[2].tolist()
+
+    def on_train_end(self, trainer, module) -> None:
+        self.state["world_size"] = trainer.world_size
+        self.state["student"] = {k: v.clone() for k, v in module.student.state_dict().items()}
+
+    def on_test_end(self, trainer, module) -> None:
+        self.state["test"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _worker(rank: int, port: int, out: Path, teachers: dict[str, Path]) -> None:
+    join_group(rank, port)
+    from distill_zoo import train
+
+    for task in RUNS:
+        record = Record()
+        train.run(config(task, teachers[task]), out / task, [record])
+        torch.save(record.state, out / task / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    out = tmp_path_factory.mktemp("ddp_tasks")
+    teachers = write_teachers(out)
+    spawn(_worker, out, teachers)
+    return out, teachers
+
+
+def single_process_test(task: str, teacher: Path, checkpoint: Path) -> dict[str, float]:
+    cfg = config(task, teacher)
+    cfg.trainer = {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1}
+    datamodule, module = build_run(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    return trainer.test(module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False)[0]
+
+
+@pytest.mark.parametrize("task", list(RUNS))
+def test_each_task_trains_under_ddp_with_metrics_over_all_processes(ddp_runs, task) -> None:
+    out, teachers = ddp_runs
+    ranks = [torch.load(out / task / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert [r["world_size"] for r in ranks] == [WORLD, WORLD]
+    assert ranks[0]["seen"] and not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
+    for key, value in ranks[0]["student"].items():
+        assert torch.equal(value, ranks[1]["student"][key]), key
+    metric = {"segmentation": "test/miou", "detection": "test/map", "regression": "test/mae"}
+    name = metric[task]
+    assert ranks[0]["test"][name] == pytest.approx(ranks[1]["test"][name], abs=1e-6)
+    alone = single_process_test(task, teachers[task], out / task / "checkpoints" / "last.ckpt")
+    # The last test of each rank is on the best checkpoint; with one epoch, best is last.
+    assert ranks[0]["test"][name] == pytest.approx(alone[name], abs=1e-5)
