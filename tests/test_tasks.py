@@ -182,7 +182,7 @@ def test_detection_agreement_scores_the_student_against_confident_teacher_boxes(
     ("task", "data", "student"),
     [
         ("classification", "DigitsDataModule", "resnet20"),
-        ("segmentation", "DigitScenesDataModule", "fcn_resnet20"),
+        ("segmentation", "DigitScenesDataModule", "fcn_resnet8"),
         ("detection", "DigitScenesDataModule", "fasterrcnn_resnet8"),
         ("regression", "DigitPoseDataModule", "resnet8"),
     ],

@@ -146,6 +146,11 @@ class DistillationModule(L.LightningModule):
                 f"the teacher cache keeps class logits per sample: task={task.name} is not "
                 "served; set speed.teacher_cache=false"
             )
+        if teacher_bf16 and task.name == "detection":
+            raise ValueError(
+                "speed.teacher_bf16=true: torchvision's detectors cannot be held in bfloat16 "
+                "(their NMS has no bfloat16 kernel); use trainer.precision=bf16-mixed instead"
+            )
         self.teacher_cache = teacher_cache
         if self.teacher is not None and teacher_bf16:
             self.teacher.to(torch.bfloat16)
