@@ -3,7 +3,7 @@ detection and segmentation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,13 +12,7 @@ from torch import Tensor
 
 from distill_zoo.data.base import split_indices
 from distill_zoo.data.cifar10_jpeg import CIFAR10JPEGDataModule
-from distill_zoo.data.dense_device import (
-    SceneDataModule,
-    Slot,
-    compose_scenes,
-    split_counts,
-    split_rng,
-)
+from distill_zoo.data.dense_device import SceneDataModule, render_scenes, split_counts
 from distill_zoo.data.digit_scenes import square, to_uint8
 
 TEST_SEED = 0  # the test scenes are fixed, like an official split, whatever the seed
@@ -70,53 +64,40 @@ def render_object_scenes(
         ``[N, max_objects]`` (class + 1, 0 for an empty slot), and the object of each slot
         (int64 ``[N, max_objects]``, a row of ``objects``; -1 where empty).
     """
-    height, width = image_size
-    n, slots = num_scenes, max_objects
-    counts = rng.integers(min_objects, max_objects + 1, n)
-    chosen = rng.integers(0, len(objects), (n, slots))
-    sizes = rng.integers(min_scale, max_scale + 1, (n, slots))
-    tops = rng.integers(0, height - sizes + 1)
-    lefts = rng.integers(0, width - sizes + 1)
     source = torch.from_numpy(objects).permute(0, 3, 1, 2)  # uint8 NCHW
-    labels_of = torch.from_numpy(np.asarray(object_labels, dtype=np.int64)) + 1
     span = torch.arange(max_scale)
-    images, instances, labels = [], [], []
-    for start in range(0, n, CHUNK):
-        chunk = slice(start, min(start + CHUNK, n))
 
-        def slots_of(chunk: slice = chunk) -> Iterator[Slot]:
-            for m in range(slots):
-                src = torch.from_numpy(chosen[chunk, m])
-                size = torch.from_numpy(sizes[chunk, m])
-                patches = torch.zeros(len(src), 3, max_scale, max_scale, dtype=torch.uint8)
-                for s in size.unique().tolist():
-                    rows = (size == s).nonzero().squeeze(1)
-                    scaled = F.interpolate(
-                        source[src[rows]].float().div_(255),
-                        size=(s, s),
-                        mode="bilinear",
-                        align_corners=False,
-                        antialias=True,
-                    )
-                    patches[rows, :, :s, :s] = to_uint8(scaled.clamp_(0, 1))
-                within = span[None, :] < size[:, None]  # [n, P]
-                yield Slot(
-                    patches=patches,
-                    opaque=within[:, :, None] & within[:, None, :],
-                    top=torch.from_numpy(tops[chunk, m]),
-                    left=torch.from_numpy(lefts[chunk, m]),
-                    labels=labels_of[src],
-                    active=torch.from_numpy(counts[chunk] > m),
-                )
+    def patches(src: Tensor, side: int) -> Tensor:
+        scaled = F.interpolate(
+            source[src].float().div_(255),
+            size=(side, side),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        return to_uint8(scaled.clamp_(0, 1))
 
-        canvas = backgrounds(chunk.stop - start, image_size, background, rng)
-        image, instance, label = compose_scenes(canvas, slots_of(), min_visible, blend_max=False)
-        images.append(image)
-        instances.append(instance)
-        labels.append(label)
-    labels = torch.cat(labels)
-    used = torch.where(labels > 0, torch.from_numpy(chosen), -1)
-    return torch.cat(images), torch.cat(instances), labels, used
+    def opaque(patches: Tensor, sizes: Tensor) -> Tensor:
+        within = span[None, :] < sizes[:, None]  # [n, P]
+        return within[:, :, None] & within[:, None, :]
+
+    return render_scenes(
+        rng,
+        num_scenes,
+        choose=lambda rng, shape: rng.integers(0, len(objects), shape),
+        labels=torch.from_numpy(np.asarray(object_labels, dtype=np.int64)) + 1,
+        patches=patches,
+        opaque=opaque,
+        background=lambda n, rng: backgrounds(n, image_size, background, rng),
+        image_size=image_size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        min_visible=min_visible,
+        blend_max=False,
+        chunk=CHUNK,
+    )
 
 
 class CIFAR10ScenesDataModule(SceneDataModule):
@@ -215,15 +196,7 @@ class CIFAR10ScenesDataModule(SceneDataModule):
             augment_rounds=augment_rounds,
         )
         self.image_size = square(image_size)
-        if not 1 <= min_scale <= max_scale <= min(self.image_size):
-            raise ValueError(
-                f"need 1 <= min_scale <= max_scale <= the canvas side {min(self.image_size)}, "
-                f"got {min_scale}..{max_scale}"
-            )
-        if not 0 <= min_objects <= max_objects or not 1 <= max_objects <= 254:
-            raise ValueError(
-                f"need 0 <= min_objects <= max_objects <= 254, got {min_objects}, {max_objects}"
-            )
+        self._check_layout(min_scale, max_scale, min_objects, max_objects, "objects")
         if not 0 <= min_visible <= 1:
             raise ValueError(f"min_visible must lie in [0, 1], got {min_visible}")
         if background not in BACKGROUNDS:
@@ -253,15 +226,14 @@ class CIFAR10ScenesDataModule(SceneDataModule):
         }
         # Rows of the archive's training (train, val) or test (test) images behind each split.
         self.source_objects = {"train": train, "val": val, "test": np.arange(len(test_labels))}
-        self.scene_sources: dict[str, Tensor] = {}  # split -> source row of each slot
-        splits = {}
-        for name, count in self.counts.items():
+
+        def render(name: str, count: int, rng: np.random.Generator) -> tuple[Tensor, ...]:
             objects, labels = pools[name]
-            images, instances, slot_labels, used = render_object_scenes(
+            return render_object_scenes(
                 objects,
                 labels,
                 count,
-                split_rng(TEST_SEED if name == "test" else self.seed, STREAMS[name]),
+                rng,
                 image_size=self.image_size,
                 background=self.background,
                 min_objects=self.min_objects,
@@ -270,8 +242,10 @@ class CIFAR10ScenesDataModule(SceneDataModule):
                 max_scale=self.max_scale,
                 min_visible=self.min_visible,
             )
+
+        splits, used = self._render_splits(render, STREAMS, TEST_SEED)
+        self.scene_sources: dict[str, Tensor] = {}  # split -> source row of each slot
+        for name, slots in used.items():
             rows = torch.from_numpy(self.source_objects[name])
-            self.scene_sources[name] = torch.where(used >= 0, rows[used.clamp_min(0)], -1)
-            splits[name] = {"images": images, "instances": instances, "labels": slot_labels}
-        self.set_augmentation(splits["train"]["images"])
+            self.scene_sources[name] = torch.where(slots >= 0, rows[slots.clamp_min(0)], -1)
         return splits

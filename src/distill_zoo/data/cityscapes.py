@@ -14,7 +14,12 @@ from torchvision import tv_tensors
 from torchvision.datasets import Cityscapes
 from torchvision.transforms.v2 import functional as F
 
-from distill_zoo.data.dense_transforms import IGNORE_INDEX, SegmentationDataModule
+from distill_zoo.data.dense_transforms import (
+    IGNORE_INDEX,
+    SegmentationDataModule,
+    no_classes,
+    raise_if_missing,
+)
 
 CITYSCAPES_CLASS_NAMES = tuple(
     c.name for c in sorted(Cityscapes.classes, key=lambda c: c.train_id) if 0 <= c.train_id < 255
@@ -126,17 +131,16 @@ class CityscapesDataModule(SegmentationDataModule):
             for folder in ("leftImg8bit", "gtFine")
             for split in ("train", "val")
         ]
-        missing = [str(p.absolute()) for p in expected if not p.is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{type(self).__name__}: missing {', '.join(missing)}. Expected "
-                "<root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and "
-                "<root>/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png with "
-                f"root={self.root.absolute()}. Download leftImg8bit_trainvaltest.zip and "
-                "gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ "
-                "(free account) and extract both under data.root (or "
-                "$DISTILL_ZOO_DATA/cityscapes); nothing is downloaded for you."
-            )
+        raise_if_missing(
+            type(self).__name__,
+            [p for p in expected if not p.is_dir()],
+            "Expected <root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and "
+            "<root>/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png with "
+            f"root={self.root.absolute()}. Download leftImg8bit_trainvaltest.zip and "
+            "gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ "
+            "(free account) and extract both under data.root (or "
+            "$DISTILL_ZOO_DATA/cityscapes); nothing is downloaded for you.",
+        )
 
     def load_sources(self) -> tuple[Dataset, np.ndarray, Dataset]:
         def read(split: str) -> _CityscapesTrainIds:
@@ -145,4 +149,4 @@ class CityscapesDataModule(SegmentationDataModule):
             )
 
         pool = read("train")
-        return pool, np.zeros(len(pool), dtype=np.int64), read("val")
+        return pool, no_classes(pool), read("val")

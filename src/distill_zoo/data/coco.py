@@ -17,6 +17,8 @@ from distill_zoo.data.dense_transforms import (
     DetectionDataModule,
     DetectionTarget,
     detection_target,
+    no_classes,
+    raise_if_missing,
 )
 
 
@@ -126,22 +128,22 @@ class COCODetectionDataModule(DetectionDataModule):
             self.test_images: "dir",
             self.test_annotations: "file",
         }
-        missing = [
-            str(p.absolute())
-            for p, kind in expected.items()
-            if not (p.is_dir() if kind == "dir" else p.is_file())
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"{type(self).__name__}: missing {', '.join(missing)}. Expected the training "
-                "images folder and instances JSON (data.train_images, data.train_annotations) "
-                "and the test ones (data.test_images, data.test_annotations), relative to "
-                f"data.root={self.root.absolute()}: by default <root>/train2017/, "
-                "<root>/val2017/ and <root>/annotations/instances_{train,val}2017.json. "
-                "Download train2017.zip, val2017.zip and annotations_trainval2017.zip from "
-                "https://cocodataset.org/#download and extract them under data.root (or "
-                "$DISTILL_ZOO_DATA/coco); nothing is downloaded for you."
-            )
+        raise_if_missing(
+            type(self).__name__,
+            [
+                p
+                for p, kind in expected.items()
+                if not (p.is_dir() if kind == "dir" else p.is_file())
+            ],
+            "Expected the training images folder and instances JSON (data.train_images, "
+            "data.train_annotations) and the test ones (data.test_images, "
+            f"data.test_annotations), relative to data.root={self.root.absolute()}: by default "
+            "<root>/train2017/, <root>/val2017/ and "
+            "<root>/annotations/instances_{train,val}2017.json. Download train2017.zip, "
+            "val2017.zip and annotations_trainval2017.zip from https://cocodataset.org/#download "
+            "and extract them under data.root (or $DISTILL_ZOO_DATA/coco); nothing is "
+            "downloaded for you.",
+        )
 
     def load_sources(self) -> tuple[Dataset, np.ndarray, Dataset]:
         pool = CocoDetection(str(self.train_images), str(self.train_annotations))
@@ -158,7 +160,7 @@ class COCODetectionDataModule(DetectionDataModule):
         label_of = {c: label for label, c in enumerate(self.category_ids) if label}
         return (
             _CocoBoxes(pool, label_of, str(self.train_annotations)),
-            np.zeros(len(pool), dtype=np.int64),
+            no_classes(pool),
             _CocoBoxes(test, label_of, str(self.test_annotations)),
         )
 

@@ -22,7 +22,7 @@ ones do: ``(inputs, targets, indices, aug_keys)``; evaluation batches are
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from distill_zoo.data.augment import CropFlip
-from distill_zoo.data.base import BaseDataModule
-from distill_zoo.data.device import IndexBatch, IndexBatches, check_augment_rounds
+from distill_zoo.data.device import IndexBatchDataModule
 
 SPLITS = ("train", "val", "test")
 IGNORE_INDEX = 255
@@ -170,7 +169,7 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 # --- the DataModule ---------------------------------------------------------------------------
 
 
-class InMemoryDenseDataModule(BaseDataModule):
+class InMemoryDenseDataModule(IndexBatchDataModule):
     """A DataModule whose three splits are tensors built by :meth:`make_splits`, served as
     batches of one task (``segmentation``, ``detection`` or ``regression``).
 
@@ -202,6 +201,7 @@ class InMemoryDenseDataModule(BaseDataModule):
 
     task: str
     ignore_index = IGNORE_INDEX
+    _stored: dict[str, dict[str, Split]]
 
     def __init__(
         self,
@@ -221,13 +221,11 @@ class InMemoryDenseDataModule(BaseDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             drop_last=drop_last,
+            on_device=on_device,
+            shuffle_seed=shuffle_seed,
+            augment_rounds=augment_rounds,
         )
-        check_augment_rounds(augment_rounds)
-        self.on_device = on_device
-        self.shuffle_seed = shuffle_seed
-        self.augment_rounds = augment_rounds
         self.splits: dict[str, Split] | None = None
-        self._stored: dict[str, dict[str, Split]] = {}
 
     # --- what subclasses give -------------------------------------------------------------
 
@@ -241,7 +239,7 @@ class InMemoryDenseDataModule(BaseDataModule):
         (``None``: evaluation, no augmentation), all on ``split``'s device."""
         raise NotImplementedError
 
-    # --- setup and loaders ----------------------------------------------------------------
+    # --- setup ----------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         """Builds all three splits on the first call; later calls do nothing."""
@@ -259,89 +257,36 @@ class InMemoryDenseDataModule(BaseDataModule):
         self._require_setup()
         return {name: len(next(iter(s.values()))) for name, s in self.splits.items()}
 
-    def train_dataloader(self) -> IndexBatches:
-        return self._loader("train")
-
-    def val_dataloader(self) -> IndexBatches:
-        return self._loader("val")
-
-    def test_dataloader(self) -> IndexBatches:
-        return self._loader("test")
-
     def _require_setup(self) -> None:
         if self.splits is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for data")
 
-    def _loader(self, split: str) -> IndexBatches:
+    # --- batches (the rest is IndexBatchDataModule's) -------------------------------------
+
+    def _split_size(self, split: str) -> int:
+        return self.dataset_sizes()[split]
+
+    def _convert_input(self, batch: tuple) -> tuple:
+        # Only the inputs: targets (boxes, regression values) stay float32.
+        inputs, *rest = batch
+        return (self.trainer.precision_plugin.convert_input(inputs), *rest)
+
+    def _build(
+        self, stored: dict[str, Split], split: str, indices: Tensor, keys: Tensor | None
+    ) -> tuple[Any, Any]:
+        return self.make_batch(stored[split], indices, keys)
+
+    def _store(self, device: torch.device) -> dict[str, Split]:
         self._require_setup()
-        rank, world_size = 0, 1
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        train = split == "train"
-        return IndexBatches(
-            split,
-            self.dataset_sizes()[split],
-            self.batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            seed=self.shuffle_seed,
-            augmentation=self.train_augmentation if train else None,
-            augment_rounds=self.augment_rounds,
-            rank=rank,
-            world_size=world_size,
-            epoch_source=self._trainer_epoch,
-        )
-
-    def _trainer_epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
-
-    # --- batches --------------------------------------------------------------------------
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
-        """Builds :class:`IndexBatch` es on ``device`` (or on the CPU and copies them there,
-        with ``on_device=False``); moves anything else as Lightning does."""
-        if not isinstance(batch, IndexBatch):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if self.on_device:
-            inputs, *rest = self.fetch(batch, device)
-        else:
-            built = self.fetch(batch, "cpu")
-            inputs, *rest = super().transfer_batch_to_device(built, device, dataloader_idx)
-        if self.trainer is not None:
-            # Lightning casts floating inputs for "16-true"/"bf16-true" before the transfer,
-            # when our batch held only indices: cast the inputs now (targets stay float32).
-            inputs = self.trainer.precision_plugin.convert_input(inputs)
-        return (inputs, *rest)
-
-    def fetch(self, batch: IndexBatch, device: torch.device | str | None = None) -> tuple:
-        """The inputs, targets, indices (and, for training, augmentation keys) of ``batch``.
-
-        Args:
-            batch: A batch from this module's loaders.
-            device: Where to build it; ``None``: where ``batch.indices`` lie.
-        """
-        device = batch.indices.device if device is None else torch.device(device)
-        split = self._on(device)[batch.split]
-        indices = batch.indices.to(device, non_blocking=True)
-        if batch.aug_keys is None:
-            return (*self.make_batch(split, indices, None), indices)
-        keys = batch.aug_keys.to(device, non_blocking=True)
-        return (*self.make_batch(split, indices, keys), indices, keys)
-
-    def _on(self, device: torch.device) -> dict[str, Split]:
-        self._require_setup()
-        key = str(device)
-        if key not in self._stored:
-            self._stored[key] = {
-                name: {k: v.to(device) for k, v in split.items()}
-                for name, split in self.splits.items()
-            }
-        return self._stored[key]
+        return {
+            name: {k: v.to(device) for k, v in split.items()}
+            for name, split in self.splits.items()
+        }
 
     def batches(self, split: str, device: torch.device | str = "cpu", epoch: int = 0):
         """Every batch of ``split`` for ``epoch`` built on ``device`` (for scripts and tests:
         the order and augmentation Lightning would see)."""
-        return [self.fetch(b, device) for b in self._loader(split).batches(epoch)]
+        return [self.fetch(b, device) for b in self._index_batches(split).batches(epoch)]
 
 
 class SceneDataModule(InMemoryDenseDataModule):
@@ -365,6 +310,7 @@ class SceneDataModule(InMemoryDenseDataModule):
 
     tasks = ("segmentation", "detection")
     in_channels: int
+    counts: dict[str, int]  # scenes of each split
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
@@ -379,6 +325,45 @@ class SceneDataModule(InMemoryDenseDataModule):
         self.task = task
         self.padding = padding
         self.flip = flip
+
+    def _check_layout(
+        self, min_scale: int, max_scale: int, min_objects: int, max_objects: int, noun: str
+    ) -> None:
+        """Raises a ValueError unless objects of sides ``min_scale..max_scale`` fit the canvas
+        (``image_size``) and ``0 <= min_objects <= max_objects <= 254`` (instance ids are
+        uint8); ``noun`` names the objects in the message (``min_<noun>``)."""
+        if not 1 <= min_scale <= max_scale <= min(self.image_size):
+            raise ValueError(
+                f"need 1 <= min_scale <= max_scale <= the canvas side {min(self.image_size)}, "
+                f"got {min_scale}..{max_scale}"
+            )
+        if not 0 <= min_objects <= max_objects or not 1 <= max_objects <= 254:
+            raise ValueError(
+                f"need 0 <= min_{noun} <= max_{noun} <= 254, got {min_objects}, {max_objects}"
+            )
+
+    def _render_splits(
+        self,
+        render: Callable[[str, int, np.random.Generator], tuple[Tensor, Tensor, Tensor, Tensor]],
+        streams: dict[str, int],
+        test_seed: int,
+    ) -> tuple[dict[str, Split], dict[str, Tensor]]:
+        """Renders ``counts[name]`` scenes of each split with ``render(name, count, rng)``
+        (which returns images, instance maps, slot labels and the source of each slot, as
+        :func:`render_scenes` does), ``rng`` drawn from ``(seed, streams[name])``, or
+        ``(test_seed, ...)`` for the test split, and sets the augmentation from the training
+        images.
+
+        Returns:
+            The splits and the source of each slot, by split.
+        """
+        splits, sources = {}, {}
+        for name, count in self.counts.items():
+            rng = split_rng(test_seed if name == "test" else self.seed, streams[name])
+            images, instances, labels, sources[name] = render(name, count, rng)
+            splits[name] = {"images": images, "instances": instances, "labels": labels}
+        self.set_augmentation(splits["train"]["images"])
+        return splits, sources
 
     def set_augmentation(self, train_images: Tensor) -> None:
         """Sets ``train_augmentation``, ``mean`` and ``std`` (``None`` for detection, whose
@@ -511,3 +496,91 @@ def pixel_counts(instances: Tensor, num_slots: int) -> Tensor:
     flat = instances.reshape(len(instances), -1).long()
     counts = torch.zeros(len(instances), num_slots + 1, dtype=torch.long)
     return counts.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def render_scenes(
+    rng: np.random.Generator,
+    num_scenes: int,
+    *,
+    choose: Callable[[np.random.Generator, tuple[int, int]], np.ndarray],
+    labels: Tensor,
+    patches: Callable[[Tensor, int], Tensor],
+    opaque: Callable[[Tensor, Tensor], Tensor],
+    background: Callable[[int, np.random.Generator], Tensor],
+    image_size: tuple[int, int],
+    min_objects: int,
+    max_objects: int,
+    min_scale: int,
+    max_scale: int,
+    min_visible: float,
+    blend_max: bool,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draws and renders ``num_scenes`` scenes of square objects, ``chunk`` scenes at a time.
+
+    Each scene holds ``min_objects..max_objects`` objects (uniform), each a source object
+    drawn by ``choose``, resized to a random side ``min_scale..max_scale`` and placed
+    uniformly at random wholly inside the canvas, pasted in slot order by
+    :func:`compose_scenes` (``min_visible``, ``blend_max``). All of the layout is drawn from
+    ``rng`` first (counts, sources, sides, rows, columns), then each chunk's canvases.
+
+    Args:
+        rng: Draws the layout (and whatever ``choose`` and ``background`` draw).
+        num_scenes: ``N``.
+        choose: ``choose(rng, (N, M))``: the source object of every slot, int64.
+        labels: Class of every source object (1..K-1), int64.
+        patches: ``patches(sources, side)``: uint8 ``[n, c, side, side]``, the objects
+            ``sources`` (int64 ``[n]``) resized.
+        opaque: ``opaque(patches, sides)``: where each patch (uint8 ``[n, c, P, P]``, objects
+            of sides ``sides`` in its top-left corner) is its object's, bool ``[n, P, P]``.
+        background: ``background(n, rng)``: ``n`` empty canvases, uint8 ``[n, c, H, W]``.
+        image_size: ``(H, W)``.
+        min_objects: Fewest objects per scene.
+        max_objects: ``M``, the most objects per scene (the slots).
+        min_scale: Smallest object side in pixels.
+        max_scale: ``P``, the largest object side in pixels.
+        min_visible: See :func:`compose_scenes`.
+        blend_max: See :func:`compose_scenes`.
+        chunk: Scenes rendered at once (bounds the memory of one paste).
+
+    Returns:
+        uint8 images ``[N, c, H, W]``, uint8 instance maps ``[N, H, W]``, int64 slot labels
+        ``[N, M]`` (0 for an empty slot), and the source object of each slot (int64
+        ``[N, M]``; -1 where empty).
+    """
+    height, width = image_size
+    n, slots = num_scenes, max_objects
+    counts = rng.integers(min_objects, max_objects + 1, n)
+    chosen = choose(rng, (n, slots))
+    sizes = rng.integers(min_scale, max_scale + 1, (n, slots))
+    tops = rng.integers(0, height - sizes + 1)
+    lefts = rng.integers(0, width - sizes + 1)
+    images, instances, slot_labels = [], [], []
+    for start in range(0, n, chunk):
+        part = slice(start, min(start + chunk, n))
+        canvas = background(part.stop - start, rng)
+
+        def slots_of(part: slice = part, channels: int = canvas.shape[1]) -> Iterator[Slot]:
+            for m in range(slots):
+                src = torch.from_numpy(chosen[part, m])
+                size = torch.from_numpy(sizes[part, m])
+                layer = torch.zeros(len(src), channels, max_scale, max_scale, dtype=torch.uint8)
+                for s in size.unique().tolist():
+                    rows = (size == s).nonzero().squeeze(1)
+                    layer[rows, :, :s, :s] = patches(src[rows], s)
+                yield Slot(
+                    patches=layer,
+                    opaque=opaque(layer, size),
+                    top=torch.from_numpy(tops[part, m]),
+                    left=torch.from_numpy(lefts[part, m]),
+                    labels=labels[src],
+                    active=torch.from_numpy(counts[part] > m),
+                )
+
+        image, instance, label = compose_scenes(canvas, slots_of(), min_visible, blend_max)
+        images.append(image)
+        instances.append(instance)
+        slot_labels.append(label)
+    slot_labels = torch.cat(slot_labels)
+    used = torch.where(slot_labels > 0, torch.from_numpy(chosen), -1)
+    return torch.cat(images), torch.cat(instances), slot_labels, used

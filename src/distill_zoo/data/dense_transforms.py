@@ -13,6 +13,7 @@ neighbours (labels never blend), and boxes are clipped to each crop and dropped 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from distill_zoo.data.base import BaseDataModule, split_indices
+from distill_zoo.data.base import BaseDataModule, SplitDataset, split_indices
 from distill_zoo.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
@@ -58,6 +59,22 @@ def _crop_params(
     return scale, (aspect * 3 / 4, aspect * 4 / 3)  # type: ignore[return-value]
 
 
+def _geometry(
+    image_size: int | Sequence[int], train: bool, crop_scale: Sequence[float]
+) -> list[v2.Transform]:
+    """Training: RandomResizedCrop to ``image_size`` (area share ``crop_scale``, aspect ratio
+    of ``image_size`` within 3/4..4/3) and RandomHorizontalFlip; evaluation: Resize to
+    ``image_size``."""
+    size = as_size(image_size)
+    if not train:
+        return [v2.Resize(size, antialias=True)]
+    scale, ratio = _crop_params(size, crop_scale)
+    return [
+        v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
 def segmentation_transforms(
     image_size: int | Sequence[int],
     *,
@@ -73,18 +90,9 @@ def segmentation_transforms(
     ``image_size``. Then the image is scaled to [0, 1] float32 and normalised with ``mean`` /
     ``std``; the mask becomes int64 with its values (and the ignore value 255) untouched.
     """
-    size = as_size(image_size)
-    if train:
-        scale, ratio = _crop_params(size, crop_scale)
-        geometry = [
-            v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [v2.Resize(size, antialias=True)]
     return v2.Compose(
         [
-            *geometry,
+            *_geometry(image_size, train, crop_scale),
             v2.ToDtype(
                 {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
                 scale=True,
@@ -108,18 +116,9 @@ def detection_transforms(
     1 pixel of area are removed. The image is scaled to [0, 1] float32 and *not* normalised:
     torchvision detectors normalise inside the model.
     """
-    size = as_size(image_size)
-    if train:
-        scale, ratio = _crop_params(size, crop_scale)
-        geometry = [
-            v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [v2.Resize(size, antialias=True)]
     return v2.Compose(
         [
-            *geometry,
+            *_geometry(image_size, train, crop_scale),
             v2.ClampBoundingBoxes(),
             v2.SanitizeBoundingBoxes(),
             v2.ToDtype(torch.float32, scale=True),  # images only
@@ -137,6 +136,21 @@ def detection_target(boxes: Any, labels: Any, canvas_size: tuple[int, int]) -> D
     }
 
 
+def no_classes(pool: Dataset) -> np.ndarray:
+    """One label, 0, per image of ``pool``: the labels :meth:`DenseDataModule.load_sources`
+    returns when images have no single class, so the validation split is uniform."""
+    return np.zeros(len(pool), dtype=np.int64)
+
+
+def raise_if_missing(module: str, missing: Sequence[Path], advice: str) -> None:
+    """Raises ``FileNotFoundError("<module>: missing <absolute paths>. <advice>")`` unless
+    ``missing`` is empty."""
+    if missing:
+        raise FileNotFoundError(
+            f"{module}: missing {', '.join(str(p.absolute()) for p in missing)}. {advice}"
+        )
+
+
 def _plain(value: Any) -> Any:
     """Strips the ``tv_tensors`` subclass (and any nesting in dicts): batches hold plain
     tensors."""
@@ -147,7 +161,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class DenseSplitDataset(Dataset):
+class DenseSplitDataset(SplitDataset):
     """One split of a dense source data set, yielding ``(image, target, index)``.
 
     Like :class:`~distill_zoo.data.base.SplitDataset`, but the transform sees image and target
@@ -160,20 +174,9 @@ class DenseSplitDataset(Dataset):
         transform: Joint transform; ``None`` for none.
     """
 
-    def __init__(
-        self,
-        source: Dataset,
-        positions: Sequence[int] | np.ndarray | None = None,
-        transform: JointTransform | None = None,
-    ) -> None:
-        self.source = source
-        self.positions = np.arange(len(source)) if positions is None else np.asarray(positions)
-        self.transform = transform
+    transform: JointTransform | None
 
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Any, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Any, int]:  # type: ignore[override]
         image, target = self.source[int(self.positions[index])]
         if self.transform is not None:
             image, target = self.transform(image, target)

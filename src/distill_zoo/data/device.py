@@ -190,7 +190,152 @@ class _Stored:
     rows: dict[str, Tensor]  # split -> rows of the pool (train, val)
 
 
-class InMemoryDataModule(BaseDataModule):
+class IndexBatchDataModule(BaseDataModule):
+    """What the DataModules whose loaders yield :class:`IndexBatch` es share.
+
+    Loaders are :class:`IndexBatches`, sharded over the trainer's ranks and following its
+    epoch; :meth:`transfer_batch_to_device` turns each batch into tensors with :meth:`fetch`,
+    from the data copied once to each device they are built on (``on_device=True``), or
+    on the CPU and then moved (``on_device=False``).
+
+    Subclasses implement :meth:`_split_size`, :meth:`_store` and :meth:`_build`, and set
+    ``train_augmentation`` (a :class:`~distill_zoo.data.augment.CropFlip`, whose keys the
+    training loader draws).
+
+    Args:
+        on_device: Build batches on the training device (else on the CPU).
+        shuffle_seed: Seed of the order and of the augmentation.
+        augment_rounds: Replay this many fixed augmentation rounds (FKD); ``None``: fresh
+            augmentation every epoch.
+        **kwargs: Those of :class:`~distill_zoo.data.base.BaseDataModule`.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_device: bool,
+        shuffle_seed: int,
+        augment_rounds: int | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_augment_rounds(augment_rounds)
+        self.on_device = on_device
+        self.shuffle_seed = shuffle_seed
+        self.augment_rounds = augment_rounds
+        self._stored: dict[str, Any] = {}  # str(device) -> what _store put there
+
+    # --- what subclasses give -----------------------------------------------------------------
+
+    def _split_size(self, split: str) -> int:
+        """Samples of ``split``; raises a RuntimeError before ``setup()``."""
+        raise NotImplementedError
+
+    def _store(self, device: torch.device) -> Any:
+        """The data, copied to ``device``; raises a RuntimeError before ``setup()``."""
+        raise NotImplementedError
+
+    def _build(
+        self, stored: Any, split: str, indices: Tensor, keys: Tensor | None
+    ) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of ``split``'s samples ``indices`` from ``stored``, augmented
+        by ``keys`` (``None``: no augmentation)."""
+        raise NotImplementedError
+
+    def _yields_index_batches(self) -> bool:
+        """Whether the loaders are :class:`IndexBatches` (else those of
+        :class:`~distill_zoo.data.base.BaseDataModule`)."""
+        return True
+
+    # --- loaders -----------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader | IndexBatches:
+        if self._yields_index_batches():
+            return self._index_batches("train")
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader | IndexBatches:
+        if self._yields_index_batches():
+            return self._index_batches("val")
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader | IndexBatches:
+        if self._yields_index_batches():
+            return self._index_batches("test")
+        return super().test_dataloader()
+
+    def _index_batches(self, split: str) -> IndexBatches:
+        num_samples = self._split_size(split)
+        rank, world_size = 0, 1
+        if self.trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        train = split == "train"
+        return IndexBatches(
+            split,
+            num_samples,
+            self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            seed=self.shuffle_seed,
+            augmentation=self.train_augmentation if train else None,
+            augment_rounds=self.augment_rounds,
+            rank=rank,
+            world_size=world_size,
+            epoch_source=self._trainer_epoch,
+        )
+
+    def _trainer_epoch(self) -> int | None:
+        return None if self.trainer is None else self.trainer.current_epoch
+
+    # --- batches on the device ---------------------------------------------------------------
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Builds :class:`IndexBatch` es on ``device`` (or on the CPU and copies them there,
+        with ``on_device=False``); moves anything else as Lightning does."""
+        if not isinstance(batch, IndexBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if self.on_device:
+            built = self.fetch(batch, device)
+        else:
+            built = super().transfer_batch_to_device(
+                self.fetch(batch, "cpu"), device, dataloader_idx
+            )
+        if self.trainer is not None:
+            # Lightning casts inputs for "16-true"/"bf16-true" before the transfer, when our
+            # batch held only indices: cast them now.
+            built = self._convert_input(built)
+        return built
+
+    def _convert_input(self, batch: tuple) -> tuple:
+        """``batch`` cast to the trainer's precision (its floating tensors)."""
+        return self.trainer.precision_plugin.convert_input(batch)
+
+    def fetch(self, batch: IndexBatch, device: torch.device | str | None = None) -> tuple:
+        """The inputs, targets, indices (and, for training, augmentation keys) of ``batch``.
+
+        Lightning calls this through :meth:`transfer_batch_to_device`; outside Lightning,
+        ``dm.fetch(batch, "cuda")`` does the same.
+
+        Args:
+            batch: A batch from this module's loaders.
+            device: Where to build it; ``None``: where ``batch.indices`` lie.
+        """
+        device = batch.indices.device if device is None else torch.device(device)
+        stored = self._on(device)
+        indices = batch.indices.to(device, non_blocking=True)
+        if batch.aug_keys is None:
+            return (*self._build(stored, batch.split, indices, None), indices)
+        keys = batch.aug_keys.to(device, non_blocking=True)
+        return (*self._build(stored, batch.split, indices, keys), indices, keys)
+
+    def _on(self, device: torch.device) -> Any:
+        key = str(device)
+        if key not in self._stored:
+            self._stored[key] = self._store(device)
+        return self._stored[key]
+
+
+class InMemoryDataModule(IndexBatchDataModule):
     """A DataModule whose splits are tensors in memory, served by DataLoaders or on the device.
 
     Subclasses return :class:`~torch.utils.data.TensorDataset` s from ``load_sources`` and
@@ -216,6 +361,8 @@ class InMemoryDataModule(BaseDataModule):
         **kwargs: Those of :class:`~distill_zoo.data.base.BaseDataModule`.
     """
 
+    _stored: dict[str, _Stored]
+
     def __init__(
         self,
         *,
@@ -224,17 +371,17 @@ class InMemoryDataModule(BaseDataModule):
         augment_rounds: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        check_augment_rounds(augment_rounds)
+        super().__init__(
+            on_device=on_device,
+            shuffle_seed=shuffle_seed,
+            augment_rounds=augment_rounds,
+            **kwargs,
+        )
         if augment_rounds is not None and not on_device:
             raise ValueError(
                 "augment_rounds replays augmentations on the on-device path only: set "
                 "data.on_device=true, or data.augment_rounds=null"
             )
-        self.on_device = on_device
-        self.shuffle_seed = shuffle_seed
-        self.augment_rounds = augment_rounds
-        self._stored: dict[str, _Stored] = {}
 
     def crop_flip(self, pool: TensorDataset, train_positions: np.ndarray) -> CropFlip:
         """The training augmentation and normalisation; default: none.
@@ -252,95 +399,39 @@ class InMemoryDataModule(BaseDataModule):
         scale = pool.tensors[0].dtype == torch.uint8
         return self.train_augmentation.torchvision_transforms(self.image_size, scale=scale)
 
-    # --- loaders -----------------------------------------------------------------------------
+    def _yields_index_batches(self) -> bool:
+        return self.on_device
 
-    def train_dataloader(self) -> DataLoader | IndexBatches:
-        return self._index_batches("train") if self.on_device else super().train_dataloader()
-
-    def val_dataloader(self) -> DataLoader | IndexBatches:
-        return self._index_batches("val") if self.on_device else super().val_dataloader()
-
-    def test_dataloader(self) -> DataLoader | IndexBatches:
-        return self._index_batches("test") if self.on_device else super().test_dataloader()
-
-    def _index_batches(self, split: str) -> IndexBatches:
+    def _split_size(self, split: str) -> int:
         dataset = getattr(self, f"{split}_set")
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for loaders")
-        rank, world_size = 0, 1
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        train = split == "train"
-        return IndexBatches(
-            split,
-            len(dataset),
-            self.batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            seed=self.shuffle_seed,
-            augmentation=self.train_augmentation if train else None,
-            augment_rounds=self.augment_rounds,
-            rank=rank,
-            world_size=world_size,
-            epoch_source=self._trainer_epoch,
-        )
+        return len(dataset)
 
-    def _trainer_epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
-
-    # --- batches on the device ---------------------------------------------------------------
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
-        """Builds :class:`IndexBatch` es on ``device``; moves anything else as Lightning does."""
-        if not isinstance(batch, IndexBatch):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        batch = self.fetch(batch, device)
-        if self.trainer is not None:
-            # Lightning casts inputs for "16-true"/"bf16-true" before the transfer, when our
-            # batch held only indices: cast the images now.
-            batch = self.trainer.precision_plugin.convert_input(batch)
-        return batch
-
-    def fetch(
-        self, batch: IndexBatch, device: torch.device | str | None = None
-    ) -> tuple[Tensor, ...]:
-        """The images, targets, indices (and, for training, augmentation keys) of ``batch``.
-
-        Lightning calls this through :meth:`transfer_batch_to_device`; outside Lightning,
-        ``dm.fetch(batch, "cuda")`` does the same.
-
-        Args:
-            batch: A batch from this module's on-device loaders.
-            device: Where to build it; ``None``: where ``batch.indices`` lie.
-        """
-        device = batch.indices.device if device is None else torch.device(device)
-        stored = self._on(device)
-        indices = batch.indices.to(device, non_blocking=True)
-        if batch.split == "test":
+    def _build(
+        self, stored: _Stored, split: str, indices: Tensor, keys: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        if split == "test":
             images, targets, rows = stored.test_images, stored.test_targets, indices
         else:
             images, targets = stored.pool_images, stored.pool_targets
-            rows = stored.rows[batch.split][indices]
-        if batch.aug_keys is None:
-            return self.train_augmentation.normalise(images[rows]), targets[rows], indices
-        keys = batch.aug_keys.to(device, non_blocking=True)
-        return self.train_augmentation.apply(images, rows, keys), targets[rows], indices, keys
+            rows = stored.rows[split][indices]
+        if keys is None:
+            return self.train_augmentation.normalise(images[rows]), targets[rows]
+        return self.train_augmentation.apply(images, rows, keys), targets[rows]
 
-    def _on(self, device: torch.device) -> _Stored:
-        key = str(device)
-        if key not in self._stored:
-            if self.train_set is None:
-                raise RuntimeError(f"call {type(self).__name__}.setup() before fetching batches")
-            pool_images, pool_targets = self.train_set.source.tensors
-            test_images, test_targets = self.test_set.source.tensors
-            self._stored[key] = _Stored(
-                pool_images=pool_images.to(device),
-                pool_targets=pool_targets.to(device),
-                test_images=test_images.to(device),
-                test_targets=test_targets.to(device),
-                rows={
-                    split: torch.as_tensor(dataset.positions, dtype=torch.long, device=device)
-                    for split, dataset in (("train", self.train_set), ("val", self.val_set))
-                },
-            )
-        return self._stored[key]
+    def _store(self, device: torch.device) -> _Stored:
+        if self.train_set is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before fetching batches")
+        pool_images, pool_targets = self.train_set.source.tensors
+        test_images, test_targets = self.test_set.source.tensors
+        return _Stored(
+            pool_images=pool_images.to(device),
+            pool_targets=pool_targets.to(device),
+            test_images=test_images.to(device),
+            test_targets=test_targets.to(device),
+            rows={
+                split: torch.as_tensor(dataset.positions, dtype=torch.long, device=device)
+                for split, dataset in (("train", self.train_set), ("val", self.val_set))
+            },
+        )

@@ -3,7 +3,7 @@ detection without a download."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,13 +12,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 
 from distill_zoo.data.base import split_indices
-from distill_zoo.data.dense_device import (
-    SceneDataModule,
-    Slot,
-    compose_scenes,
-    split_counts,
-    split_rng,
-)
+from distill_zoo.data.dense_device import SceneDataModule, render_scenes, split_counts
 
 TEST_FRACTION = 0.2
 TEST_SEED = 0  # the test digits and scenes are fixed, like an official split, whatever the seed
@@ -89,47 +83,31 @@ def render_digit_scenes(
         slot (int64 ``[N, max_digits]``, a position in ``sources``' numbering; -1 where empty).
     """
     height, width = image_size
-    n, slots = num_scenes, max_digits
-    counts = rng.integers(min_digits, max_digits + 1, n)
-    chosen = rng.choice(sources, (n, slots))
-    sizes = rng.integers(min_scale, max_scale + 1, (n, slots))
-    tops = rng.integers(0, height - sizes + 1)
-    lefts = rng.integers(0, width - sizes + 1)
     threshold = stroke_threshold * 255
-    images, instances, labels = [], [], []
-    for start in range(0, n, CHUNK):
-        chunk = slice(start, min(start + CHUNK, n))
 
-        def slots_of(chunk: slice = chunk) -> Iterator[Slot]:
-            for m in range(slots):
-                src = torch.from_numpy(chosen[chunk, m])
-                size = torch.from_numpy(sizes[chunk, m])
-                patches = torch.zeros(len(src), 1, max_scale, max_scale, dtype=torch.uint8)
-                for s in size.unique().tolist():
-                    rows = (size == s).nonzero().squeeze(1)
-                    scaled = F.interpolate(
-                        digits[src[rows]], size=(s, s), mode="bilinear", align_corners=False
-                    )
-                    patches[rows, :, :s, :s] = to_uint8(scaled)
-                yield Slot(
-                    patches=patches,
-                    opaque=patches[:, 0] > threshold,
-                    top=torch.from_numpy(tops[chunk, m]),
-                    left=torch.from_numpy(lefts[chunk, m]),
-                    labels=digit_labels[src] + 1,
-                    active=torch.from_numpy(counts[chunk] > m),
-                )
-
-        background = torch.zeros(chunk.stop - start, 1, height, width, dtype=torch.uint8)
-        image, instance, label = compose_scenes(
-            background, slots_of(), min_visible, blend_max=True
+    def patches(src: Tensor, side: int) -> Tensor:
+        scaled = F.interpolate(
+            digits[src], size=(side, side), mode="bilinear", align_corners=False
         )
-        images.append(image)
-        instances.append(instance)
-        labels.append(label)
-    labels = torch.cat(labels)
-    used = torch.where(labels > 0, torch.from_numpy(chosen), -1)
-    return torch.cat(images), torch.cat(instances), labels, used
+        return to_uint8(scaled)
+
+    return render_scenes(
+        rng,
+        num_scenes,
+        choose=lambda rng, shape: rng.choice(sources, shape),
+        labels=digit_labels + 1,
+        patches=patches,
+        opaque=lambda patches, sizes: patches[:, 0] > threshold,
+        background=lambda n, rng: torch.zeros(n, 1, height, width, dtype=torch.uint8),
+        image_size=image_size,
+        min_objects=min_digits,
+        max_objects=max_digits,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        min_visible=min_visible,
+        blend_max=True,
+        chunk=CHUNK,
+    )
 
 
 class DigitScenesDataModule(SceneDataModule):
@@ -228,15 +206,7 @@ class DigitScenesDataModule(SceneDataModule):
         self.image_size = square(image_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if not 1 <= min_scale <= max_scale <= min(self.image_size):
-            raise ValueError(
-                f"need 1 <= min_scale <= max_scale <= the canvas side {min(self.image_size)}, "
-                f"got {min_scale}..{max_scale}"
-            )
-        if not 0 <= min_digits <= max_digits or not 1 <= max_digits <= 254:
-            raise ValueError(
-                f"need 0 <= min_digits <= max_digits <= 254, got {min_digits}, {max_digits}"
-            )
+        self._check_layout(min_scale, max_scale, min_digits, max_digits, "digits")
         if not 0 < stroke_threshold < 1:
             raise ValueError(f"stroke_threshold must lie in (0, 1), got {stroke_threshold}")
         if not 0 <= min_visible <= 1:
@@ -254,16 +224,14 @@ class DigitScenesDataModule(SceneDataModule):
         digits, digit_labels = digit_images()
         sources = digit_source_splits(self.val_fraction, self.seed)
         self.source_digits = sources  # positions in load_digits() of each split's digits
-        self.scene_sources: dict[str, Tensor] = {}  # split -> source digit of each slot
-        splits = {}
-        for name, count in self.counts.items():
-            seed = TEST_SEED if name == "test" else self.seed
-            images, instances, labels, used = render_digit_scenes(
+
+        def render(name: str, count: int, rng: np.random.Generator) -> tuple[Tensor, ...]:
+            return render_digit_scenes(
                 digits,
                 digit_labels,
                 sources[name],
                 count,
-                split_rng(seed, STREAMS[name]),
+                rng,
                 image_size=self.image_size,
                 min_digits=self.min_digits,
                 max_digits=self.max_digits,
@@ -272,7 +240,7 @@ class DigitScenesDataModule(SceneDataModule):
                 stroke_threshold=self.stroke_threshold,
                 min_visible=self.min_visible,
             )
-            splits[name] = {"images": images, "instances": instances, "labels": labels}
-            self.scene_sources[name] = used
-        self.set_augmentation(splits["train"]["images"])
+
+        splits, used = self._render_splits(render, STREAMS, TEST_SEED)
+        self.scene_sources: dict[str, Tensor] = used  # split -> source digit of each slot
         return splits

@@ -18,6 +18,8 @@ from distill_zoo.data.dense_transforms import (
     DetectionTarget,
     SegmentationDataModule,
     detection_target,
+    no_classes,
+    raise_if_missing,
 )
 
 VOC_CLASSES = (
@@ -45,32 +47,6 @@ VOC_CLASSES = (
 """The 20 VOC object classes, ids 1..20 in this order (0 is the background)."""
 
 VOC_CLASS_NAMES = ("background", *VOC_CLASSES)
-
-
-def _check_voc(
-    module: str,
-    root: Path,
-    year: str,
-    folders: Sequence[str],
-    image_sets: Sequence[str],
-    split_dir: str,
-) -> None:
-    base = root / "VOCdevkit" / f"VOC{year}"
-    expected = [base / f for f in folders] + [
-        base / "ImageSets" / split_dir / f"{s}.txt" for s in image_sets
-    ]
-    missing = [p for p in expected if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{module}: missing {', '.join(str(p.absolute()) for p in missing)}. Expected "
-            f"<root>/VOCdevkit/VOC{year}/{{{','.join(folders)}}} and "
-            f"<root>/VOCdevkit/VOC{year}/ImageSets/{split_dir}/{{"
-            f"{','.join(f'{s}.txt' for s in image_sets)}}} with root={root.absolute()}. "
-            f"Download the VOC{year} trainval archive (VOCtrainval_*.tar) from the official "
-            "site (http://host.robots.ox.ac.uk/pascal/VOC/) and extract it under data.root "
-            "(or $DISTILL_ZOO_DATA/voc), so that data.root holds VOCdevkit/; nothing is "
-            "downloaded for you."
-        )
 
 
 class _VOCMasks(Dataset):
@@ -120,11 +96,52 @@ class _VOCBoxes(Dataset):
         return image, detection_target(boxes, labels, tuple(image.shape[-2:]))
 
 
-def _pool_labels(pool: Dataset) -> np.ndarray:
-    return np.zeros(len(pool), dtype=np.int64)
+class _VOCFiles:
+    """What the VOC DataModules share: the files of ``<root>/VOCdevkit/VOC{year}/``, two of
+    its image sets (the training pool and the test split) and the classes.
+
+    Subclasses set ``_folders`` (the folders they read) and ``_image_set_dir`` (the folder
+    of their image set lists under ``ImageSets/``), and implement :meth:`_read`.
+    """
+
+    num_classes = len(VOC_CLASS_NAMES)
+    _folders: tuple[str, ...]
+    _image_set_dir: str
+
+    def _set_files(self, root: str, year: str, train_set: str, test_set: str) -> None:
+        self.root = Path(root).expanduser()
+        self.year = str(year)
+        self.train_set_name, self.test_set_name = train_set, test_set
+        self.class_names = list(VOC_CLASS_NAMES)
+
+    def _read(self, image_set: str) -> Dataset:
+        """The images (and targets) of ``image_set``."""
+        raise NotImplementedError
+
+    def check_files(self) -> None:
+        base = self.root / "VOCdevkit" / f"VOC{self.year}"
+        image_sets = (self.train_set_name, self.test_set_name)
+        expected = [base / f for f in self._folders] + [
+            base / "ImageSets" / self._image_set_dir / f"{s}.txt" for s in image_sets
+        ]
+        raise_if_missing(
+            type(self).__name__,
+            [p for p in expected if not p.exists()],
+            f"Expected <root>/VOCdevkit/VOC{self.year}/{{{','.join(self._folders)}}} and "
+            f"<root>/VOCdevkit/VOC{self.year}/ImageSets/{self._image_set_dir}/{{"
+            f"{','.join(f'{s}.txt' for s in image_sets)}}} with root={self.root.absolute()}. "
+            f"Download the VOC{self.year} trainval archive (VOCtrainval_*.tar) from the "
+            "official site (http://host.robots.ox.ac.uk/pascal/VOC/) and extract it under "
+            "data.root (or $DISTILL_ZOO_DATA/voc), so that data.root holds VOCdevkit/; nothing "
+            "is downloaded for you.",
+        )
+
+    def load_sources(self) -> tuple[Dataset, np.ndarray, Dataset]:
+        pool = self._read(self.train_set_name)
+        return pool, no_classes(pool), self._read(self.test_set_name)
 
 
-class VOCSegmentationDataModule(SegmentationDataModule):
+class VOCSegmentationDataModule(_VOCFiles, SegmentationDataModule):
     """PASCAL VOC 2012 semantic segmentation: 21 classes (0 = background, 1..20 the objects of
     :data:`VOC_CLASSES`), border pixels 255 (ignored).
 
@@ -151,7 +168,8 @@ class VOCSegmentationDataModule(SegmentationDataModule):
         on_device: Must stay ``False``.
     """
 
-    num_classes = len(VOC_CLASS_NAMES)
+    _folders = ("JPEGImages", "SegmentationClass")
+    _image_set_dir = "Segmentation"
 
     def __init__(
         self,
@@ -179,30 +197,13 @@ class VOCSegmentationDataModule(SegmentationDataModule):
             drop_last=drop_last,
             on_device=on_device,
         )
-        self.root = Path(root).expanduser()
-        self.year = str(year)
-        self.train_set_name, self.test_set_name = train_set, test_set
-        self.class_names = list(VOC_CLASS_NAMES)
+        self._set_files(root, year, train_set, test_set)
 
-    def check_files(self) -> None:
-        _check_voc(
-            type(self).__name__,
-            self.root,
-            self.year,
-            ("JPEGImages", "SegmentationClass"),
-            (self.train_set_name, self.test_set_name),
-            "Segmentation",
-        )
-
-    def load_sources(self) -> tuple[Dataset, np.ndarray, Dataset]:
-        def read(image_set: str) -> _VOCMasks:
-            return _VOCMasks(VOCSegmentation(self.root, self.year, image_set, download=False))
-
-        pool = read(self.train_set_name)
-        return pool, _pool_labels(pool), read(self.test_set_name)
+    def _read(self, image_set: str) -> _VOCMasks:
+        return _VOCMasks(VOCSegmentation(self.root, self.year, image_set, download=False))
 
 
-class VOCDetectionDataModule(DetectionDataModule):
+class VOCDetectionDataModule(_VOCFiles, DetectionDataModule):
     """PASCAL VOC 2012 object detection: 21 classes (0 = background, 1..20 the objects of
     :data:`VOC_CLASSES`).
 
@@ -231,7 +232,8 @@ class VOCDetectionDataModule(DetectionDataModule):
         on_device: Must stay ``False``.
     """
 
-    num_classes = len(VOC_CLASS_NAMES)
+    _folders = ("JPEGImages", "Annotations")
+    _image_set_dir = "Main"
 
     def __init__(
         self,
@@ -260,26 +262,9 @@ class VOCDetectionDataModule(DetectionDataModule):
             drop_last=drop_last,
             on_device=on_device,
         )
-        self.root = Path(root).expanduser()
-        self.year = str(year)
-        self.train_set_name, self.test_set_name = train_set, test_set
-        self.class_names = list(VOC_CLASS_NAMES)
+        self._set_files(root, year, train_set, test_set)
         self.keep_difficult = keep_difficult
 
-    def check_files(self) -> None:
-        _check_voc(
-            type(self).__name__,
-            self.root,
-            self.year,
-            ("JPEGImages", "Annotations"),
-            (self.train_set_name, self.test_set_name),
-            "Main",
-        )
-
-    def load_sources(self) -> tuple[Dataset, np.ndarray, Dataset]:
-        def read(image_set: str) -> _VOCBoxes:
-            dataset = VOCDetection(self.root, self.year, image_set, download=False)
-            return _VOCBoxes(dataset, self.keep_difficult)
-
-        pool = read(self.train_set_name)
-        return pool, _pool_labels(pool), read(self.test_set_name)
+    def _read(self, image_set: str) -> _VOCBoxes:
+        dataset = VOCDetection(self.root, self.year, image_set, download=False)
+        return _VOCBoxes(dataset, self.keep_difficult)
