@@ -97,22 +97,25 @@ def test_the_tables_cover_every_task_with_several_methods() -> None:
 
 
 @pytest.mark.parametrize("case", ["segmentation", "regression"])
-def test_kd_learns_on_dense_and_regression_tasks(case, task_config, tmp_path) -> None:
-    more = ["data.num_train=256", "data.batch_size=32"] if case == "segmentation" else []
-    cfg = task_config(case, "distiller=kd", "epochs=4", *more)
+def test_kd_learns_on_dense_and_regression_tasks(case, teacher_store, tmp_path) -> None:
+    # Segmentation on 64x64 scenes (the default size): at 32x32 a few epochs are too few.
+    data = ["data.num_train=512", "data.num_val=32", "data.num_test=64"]
+    overrides = ["task=segmentation", *data] if case == "segmentation" else TASKS[case]
+    cfg = compose(
+        [*overrides, *FAST, "epochs=4", "distiller=kd", f"teacher_store={teacher_store}"]
+    )
     metrics = train.run(cfg, tmp_path)
     rows = (tmp_path / "logs" / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    losses = [
-        float(row.split(",")[header.index("train/loss")])
-        for row in rows[1:]
-        if row.split(",")[header.index("train/loss")]
-    ]
+    column = header.index("train/loss")
+    losses = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
     assert losses[-1] < losses[0]
     if case == "segmentation":
-        assert metrics["test_pixel_acc_best"] > 0.8  # background alone is about 0.75
+        # Predicting background everywhere scores mIoU ~0.08 (1 of 11 classes, ~91% of pixels).
+        assert metrics["test_miou_best"] > 0.1
+        assert metrics["teacher_test_miou"] > 0.1
     else:
-        assert metrics["test_mae_best"] < metrics["test_best"]["mae"] * 10  # finite, sensible
+        assert metrics["test_mae_best"] < 0.5  # targets are standardised: 1.0 is chance level
 
 
 @pytest.mark.parametrize("case", ["segmentation", "detection", "regression"])
