@@ -5,7 +5,6 @@ import json
 import logging
 
 import pytest
-import torch
 from hydra.utils import get_class
 
 from distill_zoo import train
@@ -83,10 +82,10 @@ def test_every_distiller_trains_on_every_task_it_declares(
     monitor = metrics["monitor"].split("/")[1]
     assert metrics["task"] == cfg.task.name
     assert metrics[f"best_val_{monitor}"] is not None
+    # Every default config keeps the task loss (ce_weight 1) beside its own terms.
+    task_term = {"segmentation": "ce", "detection": "det"}.get(case, cfg.task.get("loss"))
     logged = (tmp_path / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert f"train/loss_{cfg.task.get('loss', 'ce') if case != 'detection' else 'det'}" in (
-        logged
-    ) or distiller not in ("none", "kd")
+    assert f"train/loss_{task_term}" in logged.split(",")
 
 
 def test_the_tables_cover_every_task_with_several_methods() -> None:
@@ -177,4 +176,3 @@ def test_a_teacher_trained_on_demand_is_quiet_and_not_in_the_students_time(
 
 def test_distill_context_defaults_to_classification() -> None:
     assert DistillContext().task == "classification"
-    assert torch.is_tensor(torch.zeros(1))

@@ -12,6 +12,9 @@ from distill_zoo.distillers.taps import probe_shapes, select_layers  # noqa: F40
 from distill_zoo.losses import kd_loss, mse_to_teacher
 from distill_zoo.tasks.base import TASKS, StepOutputs
 
+ALL_TASKS: tuple[str, ...] = TASKS
+"""What a method serves that reads only tapped features and the task loss."""
+
 
 class Distiller(nn.Module):
     """Base class: turns one step's outputs into named, already-weighted loss terms.
@@ -136,7 +139,3 @@ class Distiller(nn.Module):
         if self.kd_weight:
             terms["kd"] = self.kd_weight * self.soft_term(out, self.kd_temperature)
         return terms
-
-
-ALL_TASKS: tuple[str, ...] = TASKS
-"""What a method serves that reads only tapped features and the task loss."""

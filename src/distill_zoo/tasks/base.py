@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from distill_zoo.losses import cross_entropy
+
 TASKS = ("classification", "segmentation", "detection", "regression")
 
 
@@ -55,8 +57,6 @@ class StepOutputs:
         """The task loss of the student (``label_smoothing`` where the task has labels)."""
         if self.task is not None:
             return self.task.loss(self, **options)
-        from distill_zoo.losses import cross_entropy
-
         return cross_entropy(self.student_logits, self.targets, options.get("label_smoothing", 0))
 
     def logit_rows(self) -> tuple[Tensor, Tensor | None]:
