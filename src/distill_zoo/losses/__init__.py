@@ -6,6 +6,11 @@ small probabilities that carry the "dark knowledge". One module per family of me
 every function is importable from here (``from distill_zoo.losses import kd_loss``).
 """
 
+from distill_zoo.losses.adversarial import (
+    gradient_penalty,
+    wgan_critic_loss,
+    wgan_generator_loss,
+)
 from distill_zoo.losses.common import (
     FORMULATIONS,
     match_spatial,
@@ -16,7 +21,18 @@ from distill_zoo.losses.contrastive import (
     crd_nce_loss,
     crd_normaliser,
 )
-from distill_zoo.losses.dense import pixel_kd_loss
+from distill_zoo.losses.dense import (
+    cwd_loss,
+    pair_affinity,
+    pairwise_affinity_loss,
+    pixel_kd_loss,
+    pkd_loss,
+)
+from distill_zoo.losses.detection import (
+    bounded_regression_loss,
+    weighted_soft_bce,
+    weighted_soft_ce,
+)
 from distill_zoo.losses.features import (
     HCL_LEVELS,
     ab_loss,
@@ -78,6 +94,7 @@ __all__ = [
     "ab_loss",
     "at_loss",
     "attention_map",
+    "bounded_regression_loss",
     "cc_loss",
     "crd_logits",
     "crd_loss",
@@ -86,6 +103,7 @@ __all__ = [
     "cross_entropy",
     "ctkd_lambda",
     "ctkd_loss",
+    "cwd_loss",
     "darkrank_loss",
     "darkrank_scores",
     "dist_loss",
@@ -94,6 +112,7 @@ __all__ = [
     "fsp_loss",
     "fsp_matrix",
     "ft_loss",
+    "gradient_penalty",
     "hcl_loss",
     "hint_loss",
     "kd_loss",
@@ -105,8 +124,11 @@ __all__ = [
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
+    "pair_affinity",
+    "pairwise_affinity_loss",
     "pixel_kd_loss",
     "pearson_correlation",
+    "pkd_loss",
     "pkt_loss",
     "plackett_luce_log_prob",
     "prob_mse_loss",
@@ -118,4 +140,8 @@ __all__ = [
     "top1_agreement",
     "vid_loss",
     "virtual_teacher",
+    "weighted_soft_bce",
+    "weighted_soft_ce",
+    "wgan_critic_loss",
+    "wgan_generator_loss",
 ]
