@@ -63,7 +63,13 @@ class DistillationModule(L.LightningModule):
 
     The teacher stays in eval mode for the whole run (its BatchNorm statistics never move),
     runs under ``torch.no_grad()``, and is not in the optimizer. The student and the
-    distiller's own trainable parts (regressors, embeddings) are.
+    distiller's own trainable parts (regressors, embeddings) are. A part trained against the
+    student (a GAN critic, :meth:`~distill_zoo.distillers.base.Distiller.adversary`) gets its
+    own optimizer instead: the module then optimizes by hand (Lightning's manual
+    optimization), stepping the student's optimizer and then the adversary's on every batch,
+    and steps the epoch-wise scheduler itself; Lightning saves and restores both optimizers.
+    A distiller whose teacher must see the student's outputs (``teacher_after_student``, Chen
+    et al.'s teacher classifying the student's proposals) gets the teacher after the student.
 
     Logged: ``train/loss`` and each ``train/loss_<term>``; the task's metrics of the student,
     the teacher and their agreement per evaluation stage (``val/acc1``, ``val/teacher_acc1``,
@@ -122,6 +128,9 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.distiller = distiller
+        # A part trained against the student (a GAN discriminator) gets its own optimizer,
+        # stepped by the module after the student's: Lightning's manual optimization.
+        self.automatic_optimization = distiller.adversary() is None
         # Buffers a distiller keeps identical on every rank itself (CRD's memory banks): DDP
         # need not broadcast them from rank 0 before every step (51 MB for CIFAR-100).
         self._ddp_params_and_buffers_to_ignore = [
@@ -209,6 +218,11 @@ class DistillationModule(L.LightningModule):
         return prediction, {k: _ordinary(v, upcast) for k, v in features.items()}
 
     def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            # Manual optimization: Lightning leaves the epoch-wise scheduler to the module.
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         for name, value in self.distiller.monitored().items():
             self.log(f"train/{name}", value)
         if self.teacher_cache is not None:
@@ -234,9 +248,14 @@ class DistillationModule(L.LightningModule):
             out = StepOutputs(
                 images, targets, indices, prediction, student_outputs=outputs, task=self.task
             )
-            return self._log_step({self.task.task_term: out.task_loss()}, out, batch_idx)
-        teacher_prediction, teacher_features = self._teacher_forward(images, indices, aug_keys)
-        prediction, outputs = self.task.student_forward(self.student, images, targets)
+            return self._step({self.task.task_term: out.task_loss()}, out, batch_idx)
+        after_student = self.distiller.teacher_after_student and self.teacher is not None
+        teacher_prediction, teacher_features = (
+            (None, {}) if after_student else self._teacher_forward(images, indices, aug_keys)
+        )
+        prediction, outputs = self.distiller.student_forward(
+            self.task, self.student, images, targets
+        )
         teacher_is_tensor = isinstance(teacher_prediction, Tensor)
         out = StepOutputs(
             images=images,
@@ -251,7 +270,44 @@ class DistillationModule(L.LightningModule):
             teacher_outputs={} if teacher_is_tensor else {"predictions": teacher_prediction},
             task=self.task,
         )
-        return self._log_step(self.distiller(out), out, batch_idx)
+        if after_student:
+            # Without gradients but not in inference mode: the losses save these tensors.
+            with torch.no_grad():
+                out.teacher_outputs = self.distiller.teacher_pass(self.teacher, out)
+                out.teacher_features = self.teacher_tap.pop()
+        return self._step(self.distiller(out), out, batch_idx)
+
+    def _step(self, terms: dict[str, Tensor], out: StepOutputs, batch_idx: int) -> Tensor:
+        """Logs the step's terms and returns their sum; with an adversary (manual
+        optimization) also steps the student's optimizer, then the adversary's."""
+        loss = self._log_step(terms, out, batch_idx)
+        if self.automatic_optimization:
+            return loss
+        student_optimizer, adversary_optimizer = self.optimizers()
+        student_optimizer.zero_grad()
+        self.manual_backward(loss)
+        student_optimizer.step()
+        if self._distilling():
+            # The adversary learns from the student's detached prediction: its loss reaches
+            # only its own parameters, whatever gradients the student's step left on them.
+            adversary_terms = self.distiller.adversary_terms(out)
+            adversary_loss = torch.stack(list(adversary_terms.values())).sum()
+            named = {f"adversary_{k}": v for k, v in adversary_terms.items()}
+            self._stop_if_not_finite(adversary_loss, named, batch_idx)
+            adversary_optimizer.zero_grad()
+            self.manual_backward(adversary_loss)
+            adversary_optimizer.step()
+            batch_size = self.task.batch_size(out.images)
+            for name, value in named.items():
+                self.log(
+                    f"train/{name}",
+                    value.detach(),
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=batch_size,
+                    sync_dist=True,
+                )
+        return loss.detach()
 
     def _log_step(self, terms: dict[str, Tensor], out: StepOutputs, batch_idx: int) -> Tensor:
         loss = torch.stack(list(terms.values())).sum()
@@ -349,20 +405,25 @@ class DistillationModule(L.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self):
-        # The teacher is frozen and not a parameter owner here; distiller parts train.
+        # The teacher is frozen and not a parameter owner here; distiller parts train, except
+        # an adversary (a GAN discriminator), which has its own optimizer.
+        adversary = self.distiller.adversary()
+        adversarial = {id(p) for p in adversary.parameters()} if adversary is not None else set()
         params = [
             p
             for p in (*self.student.parameters(), *self.distiller.parameters())
-            if p.requires_grad
+            if p.requires_grad and id(p) not in adversarial
         ]
         optimizer = self.optimizer_factory(params)
+        optimizers = [optimizer]
+        if adversary is not None:
+            optimizers.append(self.distiller.adversary_optimizer(adversary.parameters()))
         if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+            return optimizers if len(optimizers) > 1 else optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
+        if len(optimizers) > 1:
+            return optimizers, [scheduler]
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning does not store RNG states; without them a resumed run shuffles and

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.context import DistillContext
@@ -111,6 +113,41 @@ class Distiller(nn.Module):
         """Whether some trainable parameters get no gradient in this distiller's steps (an
         init stage that trains hints alone); DDP must then look for unused parameters."""
         return False
+
+    # --- hooks for methods that change how a step runs ---------------------------------------
+
+    def student_forward(self, task: Any, student: nn.Module, images: Tensor, targets: Any):
+        """The student's prediction and other outputs in a training step: the task's forward
+        by default; a method that reads a model's internals (Chen et al.'s RPN and box-head
+        outputs) runs its own pass and returns them in the outputs mapping."""
+        return task.student_forward(student, images, targets)
+
+    teacher_after_student: bool = False
+    """``True`` where the teacher must see what the student produced (Chen et al.: the
+    teacher's box head classifies the student's proposals): the module then skips its usual
+    teacher pass and calls :meth:`teacher_pass` after the student's forward."""
+
+    def teacher_pass(self, teacher: nn.Module, out: StepOutputs) -> dict[str, Any]:
+        """The teacher's outputs for this step, given the student's (``out``); the module runs
+        it without gradients and puts the result in ``out.teacher_outputs``. Only called when
+        :attr:`teacher_after_student` is set."""
+        raise NotImplementedError
+
+    def adversary(self) -> nn.Module | None:
+        """A part trained AGAINST the student (a GAN discriminator), or ``None``. It is kept
+        out of the student's optimizer: the module gives it :meth:`adversary_optimizer` and
+        steps it after each student step on :meth:`adversary_terms` (Lightning's manual
+        optimization); both optimizers are saved with the run."""
+        return None
+
+    def adversary_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The adversary's own optimizer over ``params``."""
+        raise NotImplementedError
+
+    def adversary_terms(self, out: StepOutputs) -> dict[str, Tensor]:
+        """The adversary's weighted loss terms for one step (what its optimizer minimises),
+        logged as ``train/adversary_<name>``; they must not reach the student's gradients."""
+        raise NotImplementedError
 
     def monitored(self) -> dict[str, Tensor]:
         """Values worth watching that are not loss terms (a learned temperature); the module

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from distill_zoo.config import CONF_DIR
+from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
 
 
@@ -16,7 +16,10 @@ def load_part_config(name: str, overrides: dict | None = None):
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml") if p.stem != "combo")
         raise ValueError(f"unknown distiller part '{name}'; known: {', '.join(known)}")
-    return OmegaConf.merge(OmegaConf.load(path), overrides or {})
+    node = OmegaConf.load(path)
+    if "defaults" in node:  # a config built on another (fitnets_fpn, det_kd_hints)
+        node = compose([f"distiller={name}"]).distiller
+    return OmegaConf.merge(node, overrides or {})
 
 
 class Combo(Distiller):
@@ -56,6 +59,48 @@ class Combo(Distiller):
         for name in parts:
             cfg = load_part_config(name, {**overrides.get(name, {}), "ce_weight": 0.0})
             self.parts[name] = instantiate(cfg, student=student, teacher=teacher, context=context)
+        # A part that changes how the step runs (its own student pass, a teacher pass after
+        # the student's, an adversary) lends that to the whole; two such parts cannot share it.
+        # Names, not modules: a second attribute holding a part would save its weights twice.
+        self.pass_name = self._one_part(
+            lambda p: (
+                type(p).student_forward is not Distiller.student_forward or p.teacher_after_student
+            ),
+            "run their own forward passes",
+        )
+        self.teacher_after_student = bool(
+            self.pass_name and self.parts[self.pass_name].teacher_after_student
+        )
+        self.adversarial_name = self._one_part(
+            lambda p: p.adversary() is not None, "train an adversary"
+        )
+
+    def _one_part(self, has, what: str) -> str | None:
+        found = [name for name, part in self.parts.items() if has(part)]
+        if len(found) > 1:
+            raise ValueError(f"parts {found} of distiller=combo both {what}: keep one of them")
+        return found[0] if found else None
+
+    def student_forward(self, task, student, images, targets):
+        if self.pass_name is None:
+            return super().student_forward(task, student, images, targets)
+        return self.parts[self.pass_name].student_forward(task, student, images, targets)
+
+    def teacher_pass(self, teacher, out):
+        return self.parts[self.pass_name].teacher_pass(teacher, out)
+
+    def adversary(self):
+        name = self.adversarial_name
+        return None if name is None else self.parts[name].adversary()
+
+    def adversary_optimizer(self, params):
+        return self.parts[self.adversarial_name].adversary_optimizer(params)
+
+    def adversary_terms(self, out):
+        return self.parts[self.adversarial_name].adversary_terms(out)
+
+    def trains_only_part(self) -> bool:
+        return any(part.trains_only_part() for part in self.parts.values())
 
     def layers(self) -> tuple[list[str], list[str]]:
         student, teacher = [], []
