@@ -36,3 +36,11 @@ def shape_mismatch(student_layer: str, student_shape, teacher_layer: str, teache
         f"student layer '{student_layer}' gives {tuple(student_shape)[1:]} but teacher layer "
         f"'{teacher_layer}' gives {tuple(teacher_shape)[1:]}"
     )
+
+
+def bridge(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """Nothing where a student map already has the teacher's ``[C, H, W]``, else a
+    :class:`ConvConnector` to it (methods that compare maps element by element)."""
+    if tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
+        return nn.Identity()
+    return ConvConnector(student_shape[1], teacher_shape[1], tuple(teacher_shape[-2:]))
