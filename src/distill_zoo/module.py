@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from distill_zoo.distillers.base import Distiller
 from distill_zoo.distillers.taps import FeatureTap
@@ -228,6 +229,16 @@ class DistillationModule(L.LightningModule):
         if self.teacher_cache is not None:
             rate = self.teacher_cache.hit_rate()
             self.log("train/teacher_cache_hit_rate", rate, sync_dist=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.automatic_optimization:
+            return
+        # Under manual optimization Lightning turns DDP's gradient sync off at the end of each
+        # forward, and with it DDP's broadcast of rank 0's buffers (BatchNorm statistics)
+        # before the next forward: without this the ranks' statistics drift apart.
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_forward_param_sync = True
 
     def on_train_epoch_start(self) -> None:
         # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.
