@@ -1,6 +1,7 @@
 """Training runs of the dense-prediction distillers: each learns on its task, and a run with a
 GAN critic (structured KD's holistic term) resumes with both optimizers exactly restored."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -76,3 +77,39 @@ def test_a_resumed_skd_run_restores_the_student_critic_and_both_optimizers_bit_f
     assert any(k.startswith("distiller.critic.") for k in whole["state_dict"])
     torch.testing.assert_close(cut["state_dict"], whole["state_dict"], rtol=0, atol=0)
     torch.testing.assert_close(cut["optimizer_states"], whole["optimizer_states"], rtol=0, atol=0)
+
+
+class StudentGradientNorms(L.Callback):
+    """The student's gradient norm at each of its optimizer steps."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if optimizer is trainer.optimizers[0]:
+            grads = [p.grad for p in module.student.parameters() if p.grad is not None]
+            self.norms.append(
+                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            )
+
+
+def test_gradient_clipping_reaches_the_student_under_an_adversary_and_accumulation_is_refused(
+    teacher_store, tmp_path
+) -> None:
+    overrides = [
+        "task=segmentation",
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.batch_size=16",
+        "data.image_size=32",
+        *FAST,
+        "epochs=1",
+        "distiller=skd",
+        f"teacher_store={teacher_store}",
+    ]
+    norms = StudentGradientNorms()
+    train.run(compose([*overrides, "trainer.gradient_clip_val=0.01"]), tmp_path / "clip", [norms])
+    assert norms.norms and max(norms.norms) <= 0.01 + 1e-6
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2 cannot be honoured"):
+        train.run(compose([*overrides, "+trainer.accumulate_grad_batches=2"]), tmp_path / "acc")

@@ -132,6 +132,9 @@ class DistillationModule(L.LightningModule):
         # A part trained against the student (a GAN discriminator) gets its own optimizer,
         # stepped by the module after the student's: Lightning's manual optimization.
         self.automatic_optimization = distiller.adversary() is None
+        self.student_gradient_clip: tuple[float, str] | None = None
+        """Manual optimization only: (value, "norm" | "value") clipping of the student's
+        gradients before its step (``trainer.gradient_clip_val``, which the run hands here)."""
         # Buffers a distiller keeps identical on every rank itself (CRD's memory banks): DDP
         # need not broadcast them from rank 0 before every step (51 MB for CIFAR-100).
         self._ddp_params_and_buffers_to_ignore = [
@@ -297,6 +300,11 @@ class DistillationModule(L.LightningModule):
         student_optimizer, adversary_optimizer = self.optimizers()
         student_optimizer.zero_grad()
         self.manual_backward(loss)
+        if self.student_gradient_clip is not None:
+            value, algorithm = self.student_gradient_clip
+            self.clip_gradients(
+                student_optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm
+            )
         student_optimizer.step()
         if self._distilling():
             # The adversary learns from the student's detached prediction: its loss reaches

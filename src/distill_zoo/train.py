@@ -113,6 +113,26 @@ def refuse_ignored_trainer_keys(cfg: DictConfig) -> None:
             )
 
 
+def manual_optimization_settings(cfg: DictConfig, module: DistillationModule) -> dict:
+    """Trainer arguments for a module that optimizes by hand (a distiller with an adversary,
+    SKD's critic), where Lightning refuses automatic clipping and accumulation: clipping is
+    applied to the student's gradients by the module instead; accumulation is refused."""
+    method = type(module.distiller).__name__
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if accumulate != 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate} cannot be honoured: {method}'s "
+            "adversary (a critic with its own optimizer) steps on every batch. Use a larger "
+            "data.batch_size, or drop the adversarial term (distiller.holistic_weight=0)"
+        )
+    clip = cfg.trainer.get("gradient_clip_val")
+    if not clip:
+        return {}
+    algorithm = cfg.trainer.get("gradient_clip_algorithm") or "norm"
+    module.student_gradient_clip = (float(clip), algorithm)
+    return {"gradient_clip_val": None}
+
+
 def needs_logger(callback: object) -> bool:
     """Callbacks that fail without a logger (Lightning's LearningRateMonitor)."""
     return isinstance(callback, LearningRateMonitor)
@@ -150,9 +170,11 @@ def build_trainer(
         auto_insert_metric_name=False,
     )
     last = LastCheckpoint(dirpath=run_dir / "checkpoints")
+    manual = module is not None and not module.automatic_optimization
     return instantiate(
         cfg.trainer,
         **(ddp_strategy(cfg, module) if module is not None else {}),
+        **(manual_optimization_settings(cfg, module) if manual else {}),
         max_epochs=cfg.epochs,
         default_root_dir=str(run_dir),
         logger=loggers or False,
