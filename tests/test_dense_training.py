@@ -12,6 +12,18 @@ FAST = ["trainer=cpu", "logger=csv", "callbacks=none", "report_compression=false
 SCENES = ["data.num_train=192", "data.num_val=32", "data.num_test=32", "data.batch_size=32"]
 """64x64 digit scenes (the default size), enough for a few epochs to show learning."""
 
+TINY_SKD = [
+    "task=segmentation",
+    "data.num_train=32",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.batch_size=16",
+    "data.image_size=32",
+    *FAST,
+    "distiller=skd",
+]
+"""A seconds-long structured-KD run (with its critic) on 32x32 scenes."""
+
 LEARNING = [
     ("segmentation", "skd", "pixel"),
     ("segmentation", "cwd", "cwd"),
@@ -53,18 +65,7 @@ def test_a_dense_distiller_learns(task, distiller, term, teacher_store, tmp_path
 def test_a_resumed_skd_run_restores_the_student_critic_and_both_optimizers_bit_for_bit(
     teacher_store, tmp_path, interrupt
 ) -> None:
-    overrides = [
-        "task=segmentation",
-        "data.num_train=32",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.batch_size=16",
-        "data.image_size=32",
-        *FAST,
-        "epochs=2",
-        "distiller=skd",
-        f"teacher_store={teacher_store}",
-    ]
+    overrides = [*TINY_SKD, "epochs=2", f"teacher_store={teacher_store}"]
     train.run(compose(overrides), tmp_path / "whole")
     with pytest.raises(RuntimeError, match="simulated interruption"):
         train.run(compose(overrides), tmp_path / "cut", [interrupt(1)])
@@ -96,18 +97,7 @@ class StudentGradientNorms(L.Callback):
 def test_gradient_clipping_reaches_the_student_under_an_adversary_and_accumulation_is_refused(
     teacher_store, tmp_path
 ) -> None:
-    overrides = [
-        "task=segmentation",
-        "data.num_train=32",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.batch_size=16",
-        "data.image_size=32",
-        *FAST,
-        "epochs=1",
-        "distiller=skd",
-        f"teacher_store={teacher_store}",
-    ]
+    overrides = [*TINY_SKD, "epochs=1", f"teacher_store={teacher_store}"]
     norms = StudentGradientNorms()
     train.run(compose([*overrides, "trainer.gradient_clip_val=0.01"]), tmp_path / "clip", [norms])
     assert norms.norms and max(norms.norms) <= 0.01 + 1e-6
