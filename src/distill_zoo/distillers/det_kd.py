@@ -40,7 +40,8 @@ class DetectionKD(Distiller):
     - regression: the detector's Smooth-L1 plus ``nu`` times the teacher-bounded L2 on the
       positive anchors / proposals (box-head: the ground-truth class's deltas): the student's
       squared error counts only where it is not below the teacher's by ``margin``
-      (:func:`~distill_zoo.losses.bounded_regression_loss`);
+      (:func:`~distill_zoo.losses.bounded_regression_loss`), summed over the positives and
+      divided by all sampled anchors / proposals, as the detector's own Smooth-L1 is;
     - hints: a 1x1 conv adaptation layer (the paper's choice, kept even where channels agree)
       maps each student level onto the teacher's, L2 (mean squared error), ``hint_weight``
       (the paper's gamma = 0.5) times the sum over levels (every FPN level by default).
@@ -203,7 +204,8 @@ class DetectionKD(Distiller):
                 rpn.regression_targets[positive],
                 self.margin,
             )
-            terms["bounded_rpn"] = self.nu * bounded
+            share = len(positive) / max(len(sampled), 1)
+            terms["bounded_rpn"] = self.nu * share * bounded
         return terms
 
     def _box_head_terms(self, rcnn: RCNNTrainPass, teacher: TeacherHeads) -> dict[str, Tensor]:
@@ -223,5 +225,6 @@ class DetectionKD(Distiller):
             bounded = bounded_regression_loss(
                 student, teacher_boxes, head.regression_targets[positive], self.margin
             )
-            terms["bounded_box_head"] = self.nu * bounded
+            share = len(positive) / max(rows, 1)
+            terms["bounded_box_head"] = self.nu * share * bounded
         return terms
