@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from torch import nn
 
+from distill_zoo.config import CONF_DIR, compose
 from distill_zoo.distillers.base import StepOutputs
 from distill_zoo.distillers.taps import FeatureTap
 
@@ -88,3 +90,21 @@ def conv_net(width: int, classes: int = 4) -> nn.Module:
         nn.Flatten(),
         nn.Linear(width, classes),
     )
+
+
+DISTILLER_CONFIGS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+"""Every ``conf/distiller/*.yaml`` by name."""
+
+
+def declared_tasks(name: str) -> tuple[str, ...]:
+    """The tasks a distiller config serves (a combo: those all its default parts serve)."""
+    node = compose([f"distiller={name}"]).distiller
+    served = get_class(node._target_).tasks
+    for part in node.get("parts") or []:
+        served = tuple(t for t in served if t in declared_tasks(part))
+    return served
+
+
+CLASSIFICATION_DISTILLERS = [n for n in DISTILLER_CONFIGS if "classification" in declared_tasks(n)]
+"""The configs that serve classification (the dense-prediction methods serve other tasks and
+are trained on those in ``test_task_training.py`` / ``test_dense_training.py``)."""

@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import CLASSIFICATION_DISTILLERS
 from torch import nn
 
-from distill_zoo.config import CONF_DIR
 from distill_zoo.distillers.base import DistillContext, StepOutputs
 from distill_zoo.distillers.crd import CRD
 from distill_zoo.engine.collectives import all_gather_rows, all_reduce_mean, is_distributed
 from distill_zoo.models import create_model
 
 WORLD = 2
-DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+DISTILLERS = CLASSIFICATION_DISTILLERS
 
 
 def free_port() -> int:

@@ -1,6 +1,8 @@
 """Training runs of the dense-prediction distillers: each learns on its task, and a run with a
 GAN critic (structured KD's holistic term) resumes with both optimizers exactly restored."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -103,3 +105,21 @@ def test_gradient_clipping_reaches_the_student_under_an_adversary_and_accumulati
     assert norms.norms and max(norms.norms) <= 0.01 + 1e-6
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 cannot be honoured"):
         train.run(compose([*overrides, "+trainer.accumulate_grad_batches=2"]), tmp_path / "acc")
+
+
+DENSE = [("segmentation", "skd"), ("segmentation", "cwd"), ("detection", "det_kd")]
+DENSE += [("detection", "det_kd_hints"), ("detection", "pkd"), ("detection", "cwd")]
+
+
+@pytest.mark.parametrize(("task", "distiller"), DENSE, ids=[f"{d}-{t}" for t, d in DENSE])
+def test_a_dense_distiller_steps_under_bf16_mixed_precision(
+    task, distiller, teacher_store, tmp_path
+) -> None:
+    scenes = ["data.num_train=16", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
+    cfg = compose(
+        [f"task={task}", *scenes, "data.image_size=32", *FAST, "epochs=1"]
+        + [f"distiller={distiller}", "trainer.precision=bf16-mixed"]
+        + [f"teacher_store={teacher_store}"]
+    )
+    train.run(cfg, tmp_path)
+    assert all(math.isfinite(v) for v in epoch_column(tmp_path, "train/loss"))

@@ -20,13 +20,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer
+from helpers import CLASSIFICATION_DISTILLERS, quiet_trainer
 from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill_zoo.build import build_model
-from distill_zoo.config import CONF_DIR, compose
+from distill_zoo.config import compose
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.distillers.crd_memory import init_memory_bank
 from distill_zoo.losses import (
@@ -306,7 +306,7 @@ def test_feature_loss_from_bf16_layers_matches_fp32(name):
 
 # ---------------------------------------------------------------- every distiller, end to end
 
-METHODS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+METHODS = CLASSIFICATION_DISTILLERS
 SMALL = {"crd": ["distiller.num_negatives=16"], "crd_kd": ["distiller.num_negatives=16"]}
 NUM_CLASSES, NUM_TRAIN, SIZE = 4, 32, 16
 

@@ -4,17 +4,16 @@ import json
 
 import pytest
 import torch
-from helpers import conv_net
+from helpers import CLASSIFICATION_DISTILLERS, conv_net
 from torch import nn
 
-from distill_zoo.config import CONF_DIR
 from distill_zoo.distillers import KD, DistillContext
 from distill_zoo.distillers.fitnets import FitNets
 from distill_zoo.module import DistillationModule
 from distill_zoo.teachers.cache import TeacherOutputCache
 from distill_zoo.train import run
 
-DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+DISTILLERS = CLASSIFICATION_DISTILLERS
 
 
 class CountingTeacher(nn.Module):

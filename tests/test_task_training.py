@@ -5,10 +5,10 @@ import json
 import logging
 
 import pytest
-from hydra.utils import get_class
+from helpers import DISTILLER_CONFIGS, declared_tasks
 
 from distill_zoo import train
-from distill_zoo.config import CONF_DIR, compose
+from distill_zoo.config import compose
 from distill_zoo.distillers import DistillContext
 
 SCENES = [
@@ -41,16 +41,7 @@ TASKS = {
 """Overrides of a seconds-long run of each task on its embedded data."""
 FAST = ["trainer=cpu", "logger=csv", "callbacks=none", "report_compression=false"]
 
-DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
-
-
-def declared_tasks(name: str) -> tuple[str, ...]:
-    """The tasks a distiller config serves (a combo: those all its default parts serve)."""
-    node = compose([f"distiller={name}"]).distiller
-    served = get_class(node._target_).tasks
-    for part in node.get("parts") or []:
-        served = tuple(t for t in served if t in declared_tasks(part))
-    return served
+DISTILLERS = DISTILLER_CONFIGS
 
 
 FEATURE_ONLY_ON_IMAGES = {"tabular"}  # an MLP's features are vectors: no conv connectors

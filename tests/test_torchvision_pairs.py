@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from helpers import CLASSIFICATION_DISTILLERS
 
 from distill_zoo.build import build_model
-from distill_zoo.config import CONF_DIR, compose
+from distill_zoo.config import compose
 from distill_zoo.distillers import DistillContext, StepOutputs
 from distill_zoo.distillers.taps import FeatureTap
 
-METHODS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+METHODS = CLASSIFICATION_DISTILLERS
 SMALL = {
     "crd": ["distiller.num_negatives=4"],
     "crd_kd": ["distiller.num_negatives=4"],

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASSIFICATION_DISTILLERS
 
 from distill_zoo import train
-from distill_zoo.config import CONF_DIR
 
-DISTILLERS = sorted(p.stem for p in (CONF_DIR / "distiller").glob("*.yaml"))
+DISTILLERS = CLASSIFICATION_DISTILLERS
 
 
 def student_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
