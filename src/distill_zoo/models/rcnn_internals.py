@@ -250,7 +250,9 @@ def _require_faster_rcnn(model: nn.Module, role: str) -> None:
         raise ValueError(
             f"The {role} is a {type(model).__name__}, not a torchvision Faster R-CNN (it has "
             "no rpn/roi_heads): the RPN and RoI-head distillation of Chen et al. needs two "
-            "Faster R-CNNs, e.g. detection_model('fasterrcnn_<backbone>', ...)"
+            f"Faster R-CNNs ({role}=det_fasterrcnn_<backbone>, or detection_model("
+            "'fasterrcnn_<backbone>', ...)); for other detectors use a feature method "
+            "(distiller=det_kd_hints, pkd or cwd)"
         )
     if roi_heads.has_mask() or roi_heads.has_keypoint():
         raise ValueError(
