@@ -57,6 +57,7 @@ from distill_zoo.build import build_model
 from distill_zoo.config import compose
 from distill_zoo.distillers.base import StepOutputs
 from distill_zoo.distillers.taps import FeatureTap
+from distill_zoo.engine.speed import native_bf16_flags
 from distill_zoo.losses import hint_loss, kd_loss
 from distill_zoo.models import create_model
 from distill_zoo.train import build
@@ -339,15 +340,6 @@ detection a small rate: a random teacher's FPN hint can blow the student up with
 at 0.05 (our step then stops the run). The step's work does not depend on the rate."""
 
 
-def cpu_flags() -> set[str]:
-    """The bf16 flags of this CPU (``/proc/cpuinfo``; empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in text}
-
-
 def dense_config(args, task: str, extra: list[str], teacher_ckpt: Path | None = None):
     """The default run of ``conf/task/<task>.yaml`` (its data, student, teacher, distiller),
     bounded for timing, with ``--override`` and ``extra`` on top."""
@@ -496,7 +488,7 @@ def dense_variants(args) -> list[str]:
         wanted = list(DENSE_GPU_VARIANTS)
     else:
         wanted = list(DENSE_CPU_VARIANTS)
-        flags = ", ".join(sorted(cpu_flags())) or "none"
+        flags = ", ".join(sorted(native_bf16_flags())) or "none"
         print(
             f"bf16 variants are not timed by default on a CPU (bf16 flags here: {flags}; "
             "without avx512_bf16 or amx_bf16, bf16 is emulated, slowly): time them with "
@@ -601,6 +593,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
+    flags = ", ".join(sorted(native_bf16_flags()))
+    print(
+        f"CPU native bf16: {flags or 'none (bf16 is emulated here: slower than fp32)'}; "
+        "bf16 figures hold only on CPUs with avx512_bf16 or amx_bf16, or on GPUs"
+    )
     if args.task != "classification":
         with tempfile.TemporaryDirectory() as tmp:
             return run_dense(args, Path(tmp))

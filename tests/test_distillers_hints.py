@@ -369,3 +369,24 @@ def test_layer_pairing_rules():
         pair(["a", "b"], ["w"])
     with pytest.raises(ValueError, match="lists of equal length"):
         pair("all", ["w", "x"])
+
+
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name"),
+    [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("wrn_40_2", "wrn_16_2")],
+)
+def test_fitnets_regressor_is_repdistillers_convreg_on_the_benchmark_pairs(
+    teacher_name, student_name
+):
+    # Same-size hint and guided maps: the paper's kernel N_g - N_h + 1 = 1, with a bias, as
+    # RepDistiller's ConvReg (resnet56 -> resnet20: 32 x 32 weights + 32 biases = 1,056).
+    teacher, student = create_model(teacher_name, 100), create_model(student_name, 100)
+    context = DistillContext(
+        stages(student_name), stages(teacher_name), torch.randn(2, 3, 32, 32), 100
+    )
+    conv = FitNets(student, teacher, context=context).regressor.conv
+    assert conv.kernel_size == (1, 1) and conv.bias is not None
+    s_c, t_c = conv.in_channels, conv.out_channels
+    assert sum(p.numel() for p in conv.parameters()) == t_c * s_c + t_c
+    if teacher_name == "resnet56":
+        assert sum(p.numel() for p in conv.parameters()) == 1056

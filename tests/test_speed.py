@@ -1,14 +1,17 @@
 """Fast paths (conf/speed/): each switch changes how a step runs, never what it computes."""
 
 import json
+import logging
 
 import pytest
 import torch
 from helpers import CLASSIFICATION_DISTILLERS, conv_net
 from torch import nn
 
+from distill_zoo.config import compose
 from distill_zoo.distillers import KD, DistillContext
 from distill_zoo.distillers.fitnets import FitNets
+from distill_zoo.engine import speed
 from distill_zoo.module import DistillationModule
 from distill_zoo.teachers.cache import TeacherOutputCache
 from distill_zoo.train import run
@@ -199,3 +202,24 @@ def test_every_distiller_trains_with_the_fast_switches_on(tmp_path, tiny_config,
     )
     metrics = run(cfg, tmp_path)
     assert metrics["test_acc1_last"] is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "overrides", "warns"),
+    [
+        ("fpu avx2", ["trainer=cpu", "trainer.precision=bf16-mixed"], True),
+        ("fpu avx2", ["trainer=cpu", "speed.teacher_bf16=true"], True),
+        ("fpu avx512_bf16 avx2", ["trainer=cpu", "trainer.precision=bf16-mixed"], False),
+        ("fpu amx_bf16", ["trainer=cpu", "speed.teacher_bf16=true"], False),
+        ("fpu avx2", ["trainer=cpu"], False),
+    ],
+)
+def test_bf16_on_a_cpu_without_native_bf16_warns_at_start_up(
+    flags, overrides, warns, tmp_path, caplog
+):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    with caplog.at_level(logging.WARNING):
+        warned = speed.warn_if_bf16_is_emulated(compose(overrides), cpuinfo)
+    assert warned is warns
+    assert ("bf16 is emulated" in caplog.text) is warns

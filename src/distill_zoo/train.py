@@ -228,6 +228,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     warn_about_schedule(cfg)
+    speed.warn_if_bf16_is_emulated(cfg)
 
     teacher_seconds = None
 

@@ -21,12 +21,15 @@ from distill_zoo.losses.common import check_formulation
 
 
 class HintRegressor(nn.Module):
-    """Conv + BatchNorm (+ ReLU) from the student's guided-layer shape to the teacher's hint.
+    """Conv + BatchNorm (+ ReLU) from the student's guided-layer shape to the teacher's hint,
+    as RepDistiller's ``ConvReg`` (the CRD benchmark's FitNets) builds it, convs with a bias:
 
-    The conv bridges the resolution: 3x3 (padding 1) for equal sizes, 3x3 with stride 2 for a
-    student twice as large, a 4x4 stride-2 transposed conv for one half as large, otherwise
-    the paper's valid conv of kernel ``N_g - N_h + 1`` for a larger student, or a 3x3 conv and
-    a bilinear resize for any other smaller student.
+    - a student twice the teacher's size: 3x3 conv, stride 2, padding 1;
+    - one half the teacher's size: 4x4 transposed conv, stride 2, padding 1;
+    - one as large or larger: the paper's valid conv of kernel ``N_g - N_h + 1`` (Romero et
+      al., Sec. 2.2), i.e. a 1x1 conv for equal sizes (1,056 parameters for resnet56 ->
+      resnet20's 32-channel hint, where a 3x3 would take 9,216);
+    - any other smaller student (``ConvReg`` refuses it): a 1x1 conv and a bilinear resize.
 
     Args:
         student_shape: ``(B, C, H, W)`` of the guided layer.
@@ -41,16 +44,14 @@ class HintRegressor(nn.Module):
         super().__init__()
         (s_c, s_h, s_w), (t_c, t_h, t_w) = student_shape[1:], teacher_shape[1:]
         self.out_size = (t_h, t_w)
-        if (s_h, s_w) == (t_h, t_w):
-            self.conv = nn.Conv2d(s_c, t_c, 3, padding=1, bias=False)
-        elif (s_h, s_w) == (2 * t_h, 2 * t_w):
-            self.conv = nn.Conv2d(s_c, t_c, 3, stride=2, padding=1, bias=False)
+        if (s_h, s_w) == (2 * t_h, 2 * t_w):
+            self.conv = nn.Conv2d(s_c, t_c, 3, stride=2, padding=1)
         elif (2 * s_h, 2 * s_w) == (t_h, t_w):
-            self.conv = nn.ConvTranspose2d(s_c, t_c, 4, stride=2, padding=1, bias=False)
+            self.conv = nn.ConvTranspose2d(s_c, t_c, 4, stride=2, padding=1)
         elif s_h >= t_h and s_w >= t_w:
-            self.conv = nn.Conv2d(s_c, t_c, (s_h - t_h + 1, s_w - t_w + 1), bias=False)
+            self.conv = nn.Conv2d(s_c, t_c, (s_h - t_h + 1, s_w - t_w + 1))
         else:
-            self.conv = nn.Conv2d(s_c, t_c, 3, padding=1, bias=False)
+            self.conv = nn.Conv2d(s_c, t_c, 1)
         self.bn = nn.BatchNorm2d(t_c)
         self.relu = nn.ReLU() if relu else nn.Identity()
 
