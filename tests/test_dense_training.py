@@ -31,6 +31,7 @@ LEARNING = [
     ("segmentation", "cwd", "cwd"),
     ("detection", "det_kd", "soft_box_head"),
     ("detection", "pkd", "pkd"),
+    ("regression", "teacher_bounded", "bounded"),
 ]
 
 
@@ -42,7 +43,11 @@ def epoch_column(tmp_path, name: str) -> list[float]:
 
 @pytest.mark.parametrize(("task", "distiller", "term"), LEARNING, ids=[d for _, d, _ in LEARNING])
 def test_a_dense_distiller_learns(task, distiller, term, teacher_store, tmp_path) -> None:
-    scenes = SCENES if task == "segmentation" else [*SCENES, "data.num_train=96"]
+    scenes = {
+        "segmentation": SCENES,
+        "detection": [*SCENES, "data.num_train=96"],
+        "regression": [*SCENES, "data.num_train=512", "data.batch_size=64"],
+    }[task]
     cfg = compose(
         [f"task={task}", *scenes, *FAST, "epochs=3", f"distiller={distiller}"]
         + [f"teacher_store={teacher_store}"]
@@ -57,6 +62,9 @@ def test_a_dense_distiller_learns(task, distiller, term, teacher_store, tmp_path
     if task == "segmentation":
         miou = epoch_column(tmp_path, "val/miou")
         assert miou[-1] > miou[0]
+    elif task == "regression":
+        mae = epoch_column(tmp_path, "val/mae")
+        assert mae[-1] < mae[0]
     else:
         # Three epochs on 96 scenes are too few for mAP to settle: the detector's own loss
         # falling beside the distillation term is the learning shown here.

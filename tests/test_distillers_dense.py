@@ -266,3 +266,27 @@ def test_combo_lends_a_parts_adversary_and_refuses_two_own_passes() -> None:
     student, teacher, _, _, context = det_pair()
     with pytest.raises(ValueError, match="run their own forward passes"):
         Combo(student, teacher, context=context, parts=["det_kd", "det_kd_hints"])
+
+
+# --- teacher-bounded regression ------------------------------------------------------------
+
+
+def test_teacher_bounded_regression_pushes_only_the_samples_where_the_student_trails() -> None:
+    from distill_zoo.distillers.teacher_bounded import TeacherBounded
+    from distill_zoo.tasks import RegressionTask
+
+    model = torch.nn.Linear(2, 2)
+    distiller = TeacherBounded(model, model, context=DistillContext(task="regression"), nu=2.0)
+    targets = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # Sample 0: student error 1 + 1 = 2 > teacher error 0.25: counts 2. Sample 1: student
+    # error 0.01 < teacher error 4: 0. Mean over the two samples: 1; times nu 2: 2.
+    student = torch.tensor([[1.0, -1.0], [1.1, 1.0]], requires_grad=True)
+    teacher = torch.tensor([[0.5, 0.0], [3.0, 1.0]])
+    out = StepOutputs(
+        torch.zeros(2, 2), targets, torch.arange(2), student, teacher, task=RegressionTask()
+    )
+    terms = distiller(out)
+    assert terms["bounded"].item() == pytest.approx(2.0)
+    assert set(terms) == {"mse", "bounded"}
+    terms["bounded"].backward()
+    assert torch.equal(student.grad[1], torch.zeros(2))  # the better sample gets no push
