@@ -243,8 +243,8 @@ def test_det_kd_terms_follow_the_paper_on_the_students_own_regions() -> None:
     share = len(positive) / len(sampled)
     torch.testing.assert_close(terms["bounded_rpn"], 0.5 * share * bounded)
     assert {"bounded_box_head", "hint"} <= set(terms)
-    assert len(distiller.adaptations) == 3  # a 1x1 adaptation per FPN level
-    assert all(a.kernel_size == (1, 1) for a in distiller.adaptations)
+    assert len(distiller.hints.connectors) == 3  # a 1x1 adaptation per FPN level
+    assert all(a.kernel_size == (1, 1) for a in distiller.hints.connectors)
 
 
 def test_det_kd_needs_detectors_that_share_regions_unless_only_hints_are_asked() -> None:

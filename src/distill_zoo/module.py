@@ -316,31 +316,14 @@ class DistillationModule(L.LightningModule):
             adversary_optimizer.zero_grad()
             self.manual_backward(adversary_loss)
             adversary_optimizer.step()
-            batch_size = self.task.batch_size(out.images)
-            for name, value in named.items():
-                self.log(
-                    f"train/{name}",
-                    value.detach(),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=batch_size,
-                    sync_dist=True,
-                )
+            self._log_epoch_means({k: v.detach() for k, v in named.items()}, out)
         return loss.detach()
 
     def _log_step(self, terms: dict[str, Tensor], out: StepOutputs, batch_idx: int) -> Tensor:
         loss = torch.stack(list(terms.values())).sum()
         self._stop_if_not_finite(loss, terms, batch_idx)
         batch_size = self.task.batch_size(out.images)
-        for name, value in terms.items():
-            self.log(
-                f"train/loss_{name}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,  # under DDP: the mean over all processes, not rank 0's
-            )
+        self._log_epoch_means({f"loss_{name}": value for name, value in terms.items()}, out)
         self.log(
             "train/loss",
             loss,
@@ -360,6 +343,20 @@ class DistillationModule(L.LightningModule):
                 batch_size=batch_size,
             )
         return loss
+
+    def _log_epoch_means(self, values: dict[str, Tensor], out: StepOutputs) -> None:
+        """Logs each value as ``train/<name>``, its epoch mean over all processes under DDP
+        (not rank 0's)."""
+        batch_size = self.task.batch_size(out.images)
+        for name, value in values.items():
+            self.log(
+                f"train/{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
 
     def _stop_if_not_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
         """Stops a diverged run at its first non-finite loss, before the optimizer applies it

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.distillers.layers import LayerChoice, pair_stages, probe_maps
+from distill_zoo.distillers.feature_pairs import FeaturePairs
+from distill_zoo.distillers.layers import LayerChoice
 from distill_zoo.losses import (
     bounded_regression_loss,
     hint_loss,
@@ -25,6 +26,18 @@ from distill_zoo.models.rcnn_internals import (
 
 HARD_CLASSIFICATION = {"rpn": "loss_objectness", "box_head": "loss_classifier"}
 """The detector's hard classification loss of each head (what ``mu`` weighs)."""
+
+
+def adaptation_layer(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """Chen et al.'s adaptation layer: a 1x1 conv from a student level's channels to the
+    teacher's, kept even where they agree (the paper finds it helps); the maps must be of one
+    size (levels of the same stride)."""
+    if tuple(student_shape[2:]) != tuple(teacher_shape[2:]):
+        raise ValueError(
+            f"hints compare maps of one size, but they are {tuple(student_shape[2:])} and "
+            f"{tuple(teacher_shape[2:])}: pair levels of the same stride"
+        )
+    return nn.Conv2d(student_shape[1], teacher_shape[1], 1)
 
 
 class DetectionKD(Distiller):
@@ -129,21 +142,19 @@ class DetectionKD(Distiller):
             if self.context.example_input is None:
                 raise ValueError("det_kd needs context.example_input to check the detectors")
             check_same_regions(student, teacher, self.context.example_input)
-        self.adaptations = nn.ModuleList()
+        self.hints = None
         if hint_weight:
-            self.student_layers, self.teacher_layers = pair_stages(
-                student, teacher, self.context, student_layers, teacher_layers, "all", "det_kd"
+            self.hints = FeaturePairs(
+                student,
+                teacher,
+                self.context,
+                student_layers,
+                teacher_layers,
+                "det_kd",
+                connector=adaptation_layer,
             )
-            s_shapes = probe_maps(student, self.student_layers, self.context, "det_kd")
-            t_shapes = probe_maps(teacher, self.teacher_layers, self.context, "det_kd")
-            for s, t in zip(self.student_layers, self.teacher_layers, strict=True):
-                if s_shapes[s][2:] != t_shapes[t][2:]:
-                    raise ValueError(
-                        f"det_kd hints compare maps of one size, but student level '{s}' is "
-                        f"{tuple(s_shapes[s][2:])} and teacher level '{t}' "
-                        f"{tuple(t_shapes[t][2:])}: pair levels of the same stride"
-                    )
-                self.adaptations.append(nn.Conv2d(s_shapes[s][1], t_shapes[t][1], 1))
+            self.student_layers = self.hints.student_layers
+            self.teacher_layers = self.hints.teacher_layers
 
     def student_forward(self, task: Any, student: nn.Module, images: Tensor, targets: Any):
         if not self.heads:
@@ -175,12 +186,7 @@ class DetectionKD(Distiller):
             if "box_head" in self.heads:
                 terms.update(self._box_head_terms(rcnn, teacher))
         if self.hint_weight:
-            hints = [
-                hint_loss(adapt(out.student_features[s]), out.teacher_features[t])
-                for s, t, adapt in zip(
-                    self.student_layers, self.teacher_layers, self.adaptations, strict=True
-                )
-            ]
+            hints = [hint_loss(s, t) for s, t in self.hints(out)]
             terms["hint"] = self.hint_weight * torch.stack(hints).sum()
         return terms
 
