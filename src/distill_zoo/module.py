@@ -243,6 +243,12 @@ class DistillationModule(L.LightningModule):
         if isinstance(model, DistributedDataParallel):
             model.require_forward_param_sync = True
 
+    def on_train_start(self) -> None:
+        # After a resumed run's checkpoint is restored: the distiller keeps what it restored.
+        self.distiller.before_training(
+            self.trainer, lambda inputs: self._teacher_forward(inputs)[0]
+        )
+
     def on_train_epoch_start(self) -> None:
         # A route of teacher checkpoints (RCO) switches to the anchor of this epoch.
         if hasattr(self.teacher, "set_epoch"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -153,6 +153,19 @@ class Distiller(nn.Module):
         """Values worth watching that are not loss terms (a learned temperature); the module
         logs each as ``train/<name>`` once per epoch. None by default."""
         return {}
+
+    def before_training(self, trainer: Any, teacher: Callable[[Tensor], Any]) -> None:
+        """Called by the module once when training starts: after a resumed run's checkpoint
+        is restored, before the first step, on every process. For state computed once from
+        the whole training set (attentive imitation's per-sample teacher errors). Nothing by
+        default.
+
+        Args:
+            trainer: The running Lightning ``Trainer`` (its ``datamodule``, ``strategy``,
+                ``ckpt_path``: set when the run resumes a checkpoint).
+            teacher: ``teacher(inputs)``: the frozen teacher's prediction for a batch, as
+                the training step runs it (eval mode, no gradients, taps emptied).
+        """
 
     def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
         """The weighted task-loss term (the hard-label cross-entropy of classification and

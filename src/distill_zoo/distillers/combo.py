@@ -99,6 +99,10 @@ class Combo(Distiller):
     def adversary_terms(self, out):
         return self.parts[self.adversarial_name].adversary_terms(out)
 
+    def before_training(self, trainer, teacher) -> None:
+        for part in self.parts.values():
+            part.before_training(trainer, teacher)
+
     def trains_only_part(self) -> bool:
         return any(part.trains_only_part() for part in self.parts.values())
 

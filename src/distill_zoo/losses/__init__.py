@@ -66,7 +66,12 @@ from distill_zoo.losses.logits import (
     top1_agreement,
     virtual_teacher,
 )
-from distill_zoo.losses.regression import mse_to_teacher
+from distill_zoo.losses.regression import (
+    attentive_imitation_loss,
+    mse_to_teacher,
+    reliability_weighted_mse,
+    teacher_reliability,
+)
 from distill_zoo.losses.relational import (
     CC_MODES,
     DARKRANK_TRANSFERS,
@@ -93,6 +98,7 @@ __all__ = [
     "TF_KD_FORMULATIONS",
     "ab_loss",
     "at_loss",
+    "attentive_imitation_loss",
     "attention_map",
     "bounded_regression_loss",
     "cc_loss",
@@ -132,10 +138,12 @@ __all__ = [
     "pkt_loss",
     "plackett_luce_log_prob",
     "prob_mse_loss",
+    "reliability_weighted_mse",
     "rkd_loss",
     "sp_loss",
     "standardize_logits",
     "tckd_loss",
+    "teacher_reliability",
     "tf_kd_reg_loss",
     "top1_agreement",
     "vid_loss",
