@@ -29,6 +29,10 @@ def main(cfg: DictConfig) -> float | None:
         metrics = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
     else:
         metrics = train.run(cfg, run_dir)
+    if cfg.get("search"):  # hparams_search=arch_kd: accuracy traded against MACs or latency
+        from distill_zoo.results import objective
+
+        return objective.record(cfg, metrics, run_dir)
     # The monitored metric (best val top-1 for classification): what an Optuna search optimises.
     return metrics["best_val_" + metrics["monitor"].split("/", 1)[1]]
 

@@ -25,6 +25,7 @@ from distill_zoo.results.runs import (
     override_key,
     training_curve,
 )
+from distill_zoo.results.search_plot import search_figure
 from distill_zoo.results.table import CLASSIFICATION, Group, Report, TaskTable, table_of
 
 DPI = 120
@@ -68,7 +69,8 @@ def write_all(report: Report, folder: Path) -> list[Path]:
     ``<m>_vs_<key>.png`` for each swept numeric key, ``training_curves.png`` where runs
     logged ``val/<m>``, ``teacher_vs_student.png`` where finished runs had a teacher. Where
     the folder holds runs of several tasks, the figures of each task but classification end
-    in ``_<task>``.
+    in ``_<task>``. ``search_pareto.png`` where runs are architecture-search trials
+    (:mod:`distill_zoo.results.search_plot`).
     """
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -82,6 +84,7 @@ def write_all(report: Report, folder: Path) -> list[Path]:
             written.append(sweep_figure(part, key, folder / f"{metric}_vs_{name}{tail}.png"))
         written.append(curves_figure(part, folder / f"training_curves{tail}.png"))
         written.append(teacher_student_figure(part, folder / f"teacher_vs_student{tail}.png"))
+    written.append(search_figure(report, folder / "search_pareto.png"))  # hparams_search=arch_kd
     return [path for path in written if path is not None]
 
 

@@ -11,7 +11,9 @@ are shown in %, errors (a regression's MAE, RMSE and agreement, mean |student - 
 the data's units; for an error the gain is vanilla minus student, so a positive gain is an
 improvement whatever the task. Runs of several tasks under one folder get one table per task.
 Writes ``report.md`` and ``report.csv`` and, unless ``--no-plots``, the figures of
-:mod:`distill_zoo.results.plots` into ``plots/``.
+:mod:`distill_zoo.results.plots` into ``plots/``. Trials of an architecture search
+(``hparams_search=arch_kd``) also get each teacher's Pareto front of accuracy against MACs
+(:mod:`distill_zoo.results.search_report`).
 
 A run without ``metrics.json`` is never dropped: it is *running* if anything in its folder
 was written in the last ``--stale-minutes`` (10), else *crashed*. Pipeline folders
@@ -32,6 +34,7 @@ import json
 import time
 from pathlib import Path
 
+from distill_zoo.results import search_report
 from distill_zoo.results.runs import (
     CRASHED,
     FINISHED,
@@ -180,6 +183,9 @@ def markdown(report: Report, plots: list[Path] = (), out: Path | None = None) ->
             )
     if report.unfinished:
         parts.append("## Unfinished runs\n\n" + "\n".join(unfinished_lines(report)))
+    search = search_report.markdown_section(report, markdown_table)  # hparams_search=arch_kd
+    if search:
+        parts.append(search)
     if report.pipelines:
         parts.append(
             "## Pipelines\n\n" + "\n".join(f"- {line}" for line in pipeline_lines(report))
