@@ -20,9 +20,11 @@ def main(cfg: DictConfig) -> float | None:
     sweep); returns the best value of the run's monitored metric (val top-1 for
     classification), of a pipeline's last stage."""
     from distill_zoo import train
+    from distill_zoo.engine import launch
     from distill_zoo.pipelines import runner as pipeline
 
     _route_lightning_logs_through_hydra()
+    launch.prepare_job(cfg)  # a joblib/submitit job: its own GPU, Lightning's environment
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.get("pipeline"):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill_zoo.build import build_run, count_parameters, example_input, quant_spec
-from distill_zoo.engine import speed
+from distill_zoo.engine import launch, speed
 from distill_zoo.module import DistillationModule
 from distill_zoo.shipping import compression
 from distill_zoo.tasks import Monitor, Task
@@ -186,22 +187,29 @@ def ensure_teacher(cfg: DictConfig) -> Path:
     """The file of the teacher ``cfg.teacher`` trained on ``cfg``'s data and recipe: from the
     store, or trained now (``distiller=none``) and handed to the store.
 
-    An interrupted teacher training continues from its ``last.ckpt``.
+    An interrupted teacher training continues from its ``last.ckpt``. Processes that need the
+    same teacher at once (the jobs of a sweep) take turns through the store's lock: one trains
+    it, the others wait and then find it cached. Only rank 0 of a DDP run takes the lock: its
+    other ranks train along with it and must never wait on a lock their rank 0 holds.
     """
     entry = store.entry(cfg)
     if entry.cached:
         log.info("Using cached teacher %s", entry.file)
         return entry.file
-    run_cfg = entry.run_cfg.copy()
-    run_cfg.resume = (entry.run_dir / "checkpoints" / "last.ckpt").is_file()
-    log.info(
-        "No teacher.ckpt given: %s teacher %s once, cached in %s",
-        "continuing the interrupted training of" if run_cfg.resume else "training",
-        run_cfg.student.get("name", "?"),
-        entry.run_dir,
-    )
-    metrics = run(run_cfg, entry.run_dir)
-    return store.save(entry, metrics["best_checkpoint"])
+    with store.lock(entry) if launch.leads_its_job() else nullcontext():
+        if entry.cached:  # trained by the process this one waited for
+            log.info("Using teacher %s, trained meanwhile by another process", entry.file)
+            return entry.file
+        run_cfg = entry.run_cfg.copy()
+        run_cfg.resume = (entry.run_dir / "checkpoints" / "last.ckpt").is_file()
+        log.info(
+            "No teacher.ckpt given: %s teacher %s once, cached in %s",
+            "continuing the interrupted training of" if run_cfg.resume else "training",
+            run_cfg.student.get("name", "?"),
+            entry.run_dir,
+        )
+        metrics = run(run_cfg, entry.run_dir)
+        return store.save(entry, metrics["best_checkpoint"])
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, DistillationModule]:

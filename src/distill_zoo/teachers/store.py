@@ -3,14 +3,20 @@ under ``<teacher_store>/<arch>-<hash>/teacher.pt``.
 
 The store only names, finds and saves teachers; training one on a miss is the training side's
 job (:func:`distill_zoo.train.ensure_teacher`), so this module never imports the training loop.
+Jobs of a sweep that need the same teacher at once take turns through :func:`lock`: the first
+trains it, the others wait and then load it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +107,70 @@ def save(store_entry: StoreEntry, best_checkpoint: str | os.PathLike) -> Path:
     torch.save(best, tmp)
     tmp.replace(cached)  # atomic: a crash never leaves a half-written teacher
     return cached
+
+
+LOCK_SUFFIX = ".lock"
+UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+"""``flock`` errors of file systems without locks (some NFS and Lustre mounts)."""
+
+
+def lock_file(store_entry: StoreEntry) -> Path:
+    """``<teacher_store>/<arch>-<hash>.lock``: beside the entry's run folder, not in it."""
+    return store_entry.run_dir.with_name(store_entry.run_dir.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def lock(store_entry: StoreEntry) -> Iterator[None]:
+    """Holds the entry's lock while the teacher is trained, so that of several processes that
+    need it at once (the jobs of a sweep) one trains it and the others wait, then re-check
+    :attr:`StoreEntry.cached`.
+
+    An exclusive ``flock`` on :func:`lock_file`: the operating system releases it when its
+    holder exits or dies, so a crashed training never blocks the store (the next process
+    continues that training from its ``last.ckpt``). The lock file itself stays, empty. On a
+    file system without ``flock`` (some NFS or Lustre mounts) it warns and locks nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; processes may each train the teacher
+        yield
+        return
+    path = lock_file(store_entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        locked = _flock(handle, path, store_entry)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _flock(handle, path: Path, store_entry: StoreEntry) -> bool:
+    """Takes the exclusive lock of ``handle``, saying so while another process holds it;
+    ``False`` where the file system cannot lock."""
+    import fcntl
+
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(
+                "Waiting for another process that trains teacher %s (it holds %s)",
+                store_entry.run_dir.name,
+                path,
+            )
+            began = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.info("Teacher lock %s acquired after %.0f s", path, time.perf_counter() - began)
+    except OSError as err:
+        if err.errno not in UNSUPPORTED:
+            raise
+        log.warning(
+            "The file system of %s cannot lock files (%s): processes that need this teacher "
+            "at the same time may each train it",
+            path,
+            err,
+        )
+        return False
+    return True
