@@ -8,6 +8,7 @@ within a minute instead of hanging."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -313,6 +314,18 @@ RUNS = {
         "data.num_samples=120",  # 108 training samples: equal shards, no padded repeats
     ],
 }
+PRUNED = {
+    # Every process prunes its own copy before DDP exists: Taylor importance (gradients of the
+    # first batches) must still give one structure, which DDP's buckets need.
+    "kd_pruned_taylor": [
+        "distiller=kd",
+        "student=resnet14",
+        "init_from={teacher}",
+        "prune=structured",
+        "prune.importance=taylor",
+        "prune.ratio=0.5",
+    ],
+}
 SYNC_BN = ["distiller=fitnets", "trainer.sync_batchnorm=true"]  # its regressor has a BN too
 CPU_REFUSES_SYNC_BN = r"(?i)sync_?batch_?norm.*gpu"  # PyTorch's SyncBatchNorm: no CPU kernel
 
@@ -369,7 +382,9 @@ def _lightning_worker(rank: int, port: int, out: Path, teacher: Path) -> None:
     from distill_zoo.config import compose
 
     base = [*TINY, f"teacher.ckpt={teacher}"]
-    for name, overrides in RUNS.items():
+    runs = {**RUNS, **(PRUNED if importlib.util.find_spec("torch_pruning") else {})}
+    for name, overrides in runs.items():
+        overrides = [o.replace("{teacher}", str(teacher)) for o in overrides]
         record = recorder()
         train.run(compose([*base, *overrides]), out / name, [record])
         torch.save(record.state, out / name / f"rank{rank}.pt")
@@ -411,6 +426,16 @@ def test_every_distiller_trains_under_lightning_ddp(lightning_ranks, name):
 @pytest.mark.parametrize("name", ["fitnets_hint_only", "fitnets_distill_epochs"])
 def test_partial_training_finds_unused_parameters_by_itself(lightning_ranks, name):
     check_in_sync(lightning_ranks / name)
+
+
+def test_a_pruned_student_is_pruned_alike_on_every_rank(lightning_ranks):
+    pytest.importorskip("torch_pruning")
+    check_in_sync(lightning_ranks / "kd_pruned_taylor")
+    a, _ = load_ranks(lightning_ranks / "kd_pruned_taylor")
+    unpruned = create_model("resnet14", num_classes=4, in_channels=3)
+    assert sum(v.numel() for v in a["student"].values()) < sum(
+        v.numel() for v in unpruned.state_dict().values()
+    )
 
 
 def test_teacher_cache_holds_every_ranks_samples_on_every_rank(lightning_ranks):

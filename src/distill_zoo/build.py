@@ -19,8 +19,9 @@ from torch import nn
 from distill_zoo import teachers
 from distill_zoo.distillers.base import DistillContext
 from distill_zoo.engine import speed
-from distill_zoo.module import DistillationModule
-from distill_zoo.tasks import ClassificationTask, Task
+from distill_zoo.models import pruned_structure
+from distill_zoo.module import PRUNING_REPORT_KEY, DistillationModule
+from distill_zoo.tasks import ClassificationTask, StepOutputs, Task
 from distill_zoo.teachers import TeacherEnsemble, TeacherRoute
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,18 @@ def check_ensemble_use(teacher: nn.Module | None, distiller: nn.Module) -> None:
         teacher.temperature = distiller.soft_temperature
 
 
-def initialize_from(module: DistillationModule, path: str) -> None:
+def initialize_from(module: DistillationModule, path: str, student: bool = True) -> None:
     """Starts the student, and the distiller parts that fit, from an earlier run's checkpoint.
 
-    The student must match the checkpoint exactly (other architecture: a clear error).
-    Distiller parts (a paraphraser, a connector) are taken where name and shape agree, so a
-    stage can reuse what an earlier stage trained; the rest keep their fresh initialisation.
+    The student must match the checkpoint exactly (other architecture: a clear error);
+    ``student=False`` leaves it alone (it was loaded, and pruned, before the distiller was
+    built). Distiller parts (a paraphraser, a connector) are taken where name and shape agree,
+    so a stage can reuse what an earlier stage trained; the rest keep their fresh
+    initialisation.
     """
     checkpoint = teachers.read_checkpoint(path, role="student init", config_key="init_from")
-    teachers.load_weights(module.student, path, role="student init", loaded=checkpoint)
+    if student:
+        teachers.load_weights(module.student, path, role="student init", loaded=checkpoint)
     parts = checkpoint.get("state_dict", checkpoint)
     own = module.distiller.state_dict()
     taken = {
@@ -157,6 +161,100 @@ def initialize_from(module: DistillationModule, path: str) -> None:
         path,
         f" and distiller parts {sorted({k.split('.')[0] for k in taken})}" if taken else "",
     )
+
+
+PRUNABLE_TASKS = ("classification", "segmentation", "regression")
+"""Tasks whose students ``prune=`` serves (a detector's heads are tied to its anchors)."""
+
+
+def shape_student(
+    cfg: DictConfig,
+    student: nn.Module,
+    task: Task,
+    datamodule: L.LightningDataModule,
+    resume_from: str | None = None,
+) -> tuple[bool, dict | None]:
+    """Gives the student the (pruned) structure its run trains, before anything reads its
+    shapes (feature taps, a distiller's connectors).
+
+    - resuming (``resume_from``): the structure recorded in that checkpoint; nothing is pruned
+      again (its weights come from the checkpoint);
+    - ``init_from`` holding a pruned network: its structure (weights follow in
+      :func:`initialize_from`);
+    - ``prune`` set: the student takes ``init_from``'s weights now and is pruned by
+      :class:`~distill_zoo.shipping.prune.PruneSpec`; the returned report (parameters and MACs
+      before/after) goes into ``metrics.json``.
+
+    Returns whether the student is a pruned network, and the pruning report of this run
+    (also when resumed; ``None`` when this run pruned nothing).
+    """
+    if resume_from or not cfg.get("prune"):
+        source, role, key = (
+            (resume_from, "resume", "ckpt_path")
+            if resume_from
+            else (cfg.get("init_from"), "student init", "init_from")
+        )
+        if not source:
+            return False, None
+        checkpoint = teachers.read_checkpoint(source, role=role, config_key=key)
+        structure = checkpoint.get(pruned_structure.STRUCTURE_KEY)
+        if structure:
+            pruned_structure.restore(student, structure)
+        return bool(structure), checkpoint.get(PRUNING_REPORT_KEY) if resume_from else None
+    prune = cfg.prune
+    if not cfg.get("init_from"):
+        raise ValueError(
+            "prune= prunes a trained network, but init_from is null: pass "
+            "init_from=<checkpoint of the network to prune>, or use pipeline=prune_kd, which "
+            "trains (or takes) the teacher and prunes a copy of it"
+        )
+    if task.name not in PRUNABLE_TASKS:
+        raise ValueError(
+            f"prune= serves task={'|'.join(PRUNABLE_TASKS)}, not task={task.name} (a "
+            "detector's anchors and box coder tie its heads' channels): set prune=null"
+        )
+    teachers.load_weights(student, cfg.init_from, role="student init", config_key="init_from")
+    options = OmegaConf.to_container(prune, resolve=True)
+    batches = options.pop("taylor_batches", 4)
+    spec = instantiate(options)
+    log.info("Pruning the student from %s: %s", cfg.init_from, spec)
+    backward = _task_loss_backward(task, datamodule, batches)
+    report = spec.prune(student, example_input(datamodule), backward=backward)
+    report.pop("structure", None)  # the checkpoints keep the structure itself
+    log.info(
+        "Pruned: %d -> %d parameters, %d -> %d MACs per image",
+        report["before"]["params"],
+        report["after"]["params"],
+        report["before"]["macs"],
+        report["after"]["macs"],
+    )
+    return True, report
+
+
+def _task_loss_backward(
+    task: Task, datamodule: L.LightningDataModule, batches: int
+) -> Callable[[nn.Module], None]:
+    """``backward(model)``: the task loss of ``model`` on the first ``batches`` training
+    batches, back-propagated (Taylor importance). The loader is built before any DDP
+    sampler exists and follows the run's seed, so every process scores the same batches."""
+
+    def backward(model: nn.Module) -> None:
+        loader = datamodule.train_dataloader()
+        transfer = getattr(datamodule, "transfer_batch_to_device", None)
+        device = next(model.parameters()).device
+        for index, batch in enumerate(loader):
+            if index >= batches:
+                break
+            if transfer is not None:
+                batch = transfer(batch, device, 0)
+            images, targets, indices = batch[:3]
+            prediction, outputs = task.student_forward(model, images, targets)
+            out = StepOutputs(
+                images, targets, indices, prediction, student_outputs=outputs, task=task
+            )
+            (out.task_loss() / batches).backward()
+
+    return backward
 
 
 def count_parameters(model: nn.Module | None) -> int | None:
@@ -205,7 +303,7 @@ def check_first_batches(task: Task, datamodule: L.LightningDataModule) -> None:
 
 
 def build_run(
-    cfg: DictConfig, train_teacher: TeacherTrainer | None = None
+    cfg: DictConfig, train_teacher: TeacherTrainer | None = None, resume_from: str | None = None
 ) -> tuple[L.LightningDataModule, DistillationModule]:
     """The set-up data module and the DistillationModule that ``cfg`` describes, ready to fit.
 
@@ -213,6 +311,8 @@ def build_run(
         cfg: The composed run config.
         train_teacher: Gives the file of a teacher named without a checkpoint (trained on
             demand, or taken from the store); ``None``: such a teacher is an error.
+        resume_from: The checkpoint the run will resume from: a pruned student takes the
+            structure recorded there instead of being pruned again.
     """
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -224,6 +324,7 @@ def build_run(
     # Re-seed: the student starts the same whether its teacher was just trained or cached.
     L.seed_everything(cfg.seed, workers=True)
     student = build_model(cfg.student, num_classes, in_channels)
+    pruned, pruning = shape_student(cfg, student, task, datamodule, resume_from)
     check_models(task, student, teacher, example_input(datamodule))
     quant = quant_spec(cfg)
     if quant is not None:  # before the taps: layers are swapped in place, names kept
@@ -258,8 +359,10 @@ def build_run(
         **{key: fast[key] for key in MODULE_SPEED_KEYS if key in fast},
         teacher_cache=speed.build_teacher_cache(fast, datamodule, teacher, num_classes),
     )
-    if cfg.get("init_from"):
-        initialize_from(module, cfg.init_from)
+    module.student_pruned, module.pruning_report = pruned, pruning
+    if cfg.get("init_from") and not resume_from:
+        # A resumed run's checkpoint holds all of it; a student pruned here holds its weights.
+        initialize_from(module, cfg.init_from, student=not cfg.get("prune"))
     if fast.get("compile"):
         speed.compile_models(module.student, module.teacher)
     return datamodule, module

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import warnings
@@ -17,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distill_zoo.distillers.base import Distiller
 from distill_zoo.distillers.taps import FeatureTap
 from distill_zoo.engine.collectives import all_gather_rows
+from distill_zoo.models import pruned_structure
 from distill_zoo.tasks import ClassificationTask, StepOutputs, Task
 from distill_zoo.teachers.cache import TeacherOutputCache
 
@@ -25,6 +28,15 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+PRUNING_REPORT_KEY = "pruning"
+"""Where a pruned run's checkpoints and ``metrics.json`` keep its before/after report."""
+
+
+def _structure_digest(model: nn.Module) -> str:
+    """A short fingerprint of a (pruned) network's sizes, equal where the structures are."""
+    text = json.dumps(pruned_structure.record(model), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -174,6 +186,10 @@ class DistillationModule(L.LightningModule):
         self.teacher_tap = (
             FeatureTap(teacher, teacher_layers, role="teacher") if teacher is not None else None
         )
+        self.student_pruned = False
+        """Whether the student is a pruned network: its checkpoints then record its structure."""
+        self.pruning_report: dict | None = None
+        """Parameters and MACs before/after, when this run pruned the student."""
         self.train_metric = task.train_metric()
         self.eval_metrics = nn.ModuleDict({stage: task.metrics() for stage in ("val", "test")})
         self._logged: dict[str, list[str]] = {"val": [], "test": []}
@@ -242,6 +258,21 @@ class DistillationModule(L.LightningModule):
         model = self.trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             model.require_forward_param_sync = True
+
+    def on_fit_start(self) -> None:
+        if self.student_pruned and self.trainer.world_size > 1:
+            # Each process pruned (or rebuilt) its own copy before DDP existed; a structure
+            # that differs across ranks would make DDP's gradient buckets disagree.
+            mine = _structure_digest(self.student)
+            same = self.trainer.strategy.reduce_boolean_decision(
+                mine == self.trainer.strategy.broadcast(mine, src=0), all=True
+            )
+            if not same:
+                raise RuntimeError(
+                    "the pruned student differs between DDP processes (pruning was not "
+                    "deterministic on this machine): prune in a one-process run and start the "
+                    "DDP run from its checkpoint with init_from=<checkpoint> and prune=null"
+                )
 
     def on_train_start(self) -> None:
         # After a resumed run's checkpoint is restored: the distiller keeps what it restored.
@@ -448,6 +479,12 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.student_pruned:
+            # Read back by teachers.load_weights and build.shape_student, so every consumer
+            # of the checkpoint (resume, init_from, teacher.ckpt, export) rebuilds this network.
+            checkpoint[pruned_structure.STRUCTURE_KEY] = pruned_structure.record(self.student)
+            if self.pruning_report is not None:
+                checkpoint[PRUNING_REPORT_KEY] = self.pruning_report
         # Lightning does not store RNG states; without them a resumed run shuffles and
         # augments differently from an uninterrupted one.
         checkpoint["rng_states"] = {

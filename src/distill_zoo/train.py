@@ -16,12 +16,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from distill_zoo.build import build_run, count_parameters, example_input, quant_spec
+from distill_zoo.build import (
+    build_model,
+    build_run,
+    count_parameters,
+    example_input,
+    quant_spec,
+)
 from distill_zoo.engine import launch, speed
-from distill_zoo.module import DistillationModule
+from distill_zoo.module import PRUNING_REPORT_KEY, DistillationModule
 from distill_zoo.shipping import compression
 from distill_zoo.tasks import Monitor, Task
-from distill_zoo.teachers import store
+from distill_zoo.teachers import load_weights, store
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +257,10 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         finally:
             teacher_seconds = (teacher_seconds or 0.0) + time.perf_counter() - began
 
-    datamodule, module = build_run(cfg, train_teacher=train_teacher)
+    resume_from = resume_checkpoint(cfg, run_dir / "checkpoints")
+    datamodule, module = build_run(cfg, train_teacher=train_teacher, resume_from=resume_from)
     trainer = build_trainer(cfg, run_dir, callbacks or [], module)
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir / "checkpoints")
-    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
     # Read before testing "best": loading that checkpoint rolls the callback's state back.
     checkpoint = trainer.checkpoint_callback
@@ -274,6 +279,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         "wall_time_s": round(time.perf_counter() - started - (teacher_seconds or 0.0), 2),
         **({"teacher_training_s": round(teacher_seconds, 2)} if teacher_seconds else {}),
         **speed.peak_memory_mb(module.device),
+        **({PRUNING_REPORT_KEY: module.pruning_report} if module.pruning_report else {}),
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
     }
@@ -284,6 +290,8 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
                 module.student, module.teacher, example_input(datamodule), repeats=5, warmup=1
             )
             log.info("compression:\n%s", compression.format_report(metrics["compression"]))
+            if module.pruning_report is not None:
+                metrics[PRUNING_REPORT_KEY] = pruning_latency(cfg, module, datamodule)
         quant = quant_spec(cfg)
         if quant is not None:
             quantized = quant.report(module.student, datamodule)
@@ -292,6 +300,23 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
         log.info("metrics: %s", json.dumps(metrics))
         log.info(summary(metrics))
     return metrics
+
+
+def pruning_latency(
+    cfg: DictConfig, module: DistillationModule, datamodule: L.LightningDataModule
+) -> dict:
+    """The run's pruning report with the CPU latency of the network before pruning (rebuilt
+    from ``init_from``) and of the trained pruned student, measured as the compression report
+    measures (same input, batch sizes, repeats)."""
+    unpruned = build_model(cfg.student, datamodule.num_classes, datamodule.in_channels)
+    load_weights(unpruned, cfg.init_from, role="student init", config_key="init_from")
+    example = example_input(datamodule)
+    report = {**module.pruning_report}
+    for side, model in (("before", unpruned), ("after", module.student)):
+        measured = compression.measure(model, example, repeats=5, warmup=1)
+        latency = {k: v for k, v in measured.items() if k.startswith("cpu_latency")}
+        report[side] = {**report[side], **latency}
+    return report
 
 
 def task_metrics(task: Task, best_score: float | None, best: dict, last: dict) -> dict:

@@ -8,12 +8,15 @@ name here; each returns ``{stage name: stage spec}`` in the form
 
 from __future__ import annotations
 
+import yaml
 from omegaconf import DictConfig
+
+from distill_zoo.config import CONF_DIR
 
 
 def build(node: DictConfig, cfg: DictConfig | None) -> dict:
     """The stages of the pipeline config ``node`` (with ``builder``), for the command ``cfg``."""
-    builders = {"takd": takd, "ban": ban, "rco": rco, "eskd": eskd}
+    builders = {"takd": takd, "ban": ban, "rco": rco, "eskd": eskd, "prune_kd": prune_kd}
     name = node.builder
     if name not in builders:
         raise ValueError(f"unknown pipeline builder {name!r}: choose one of {sorted(builders)}")
@@ -27,13 +30,36 @@ def _distiller(node: DictConfig) -> list[str]:
 
 
 def _arch(model: DictConfig) -> list[str]:
-    """Overrides that make ``student`` the architecture of the config node ``model``."""
+    """Overrides that make ``student`` the architecture of the config node ``model``: the
+    ``conf/student/`` choice that builds it, and its scalar constructor arguments (a teacher's
+    ``output_stride=2`` stays 2)."""
     name = model.get("name")
     if str(model.get("_target_", "")).endswith("torchvision_model"):
         return ["student=torchvision", f"student.name={name}"]
     if not name:
         raise ValueError("the teacher config names no architecture (teacher=none?)")
-    return [f"student={name}"]
+    arguments = [
+        f"student.{key}={'null' if value is None else value}"
+        for key, value in model.items()
+        if key not in ("_target_", "name", "ckpt")
+        and (value is None or isinstance(value, (bool, int, float, str)))
+    ]
+    return [f"student={_student_choice(model)}", *arguments]
+
+
+def _student_choice(model: DictConfig) -> str:
+    """The ``conf/student/`` file that builds the same model as ``model`` (``_target_`` and
+    ``name`` alike): ``resnet56`` for the zoo's ResNet-56, ``seg_fcn_resnet20`` for an FCN."""
+    if (CONF_DIR / "student" / f"{model.name}.yaml").is_file():
+        return str(model.name)
+    for path in sorted((CONF_DIR / "student").glob("*.yaml")):
+        node = yaml.safe_load(path.read_text()) or {}
+        if node.get("_target_") == model.get("_target_") and node.get("name") == model.name:
+            return path.stem
+    raise ValueError(
+        f"no conf/student/ config builds the teacher's architecture {model.name!r} "
+        f"({model.get('_target_')}): add one, as conf/student/*.yaml do"
+    )
 
 
 def takd(node: DictConfig, cfg: DictConfig) -> dict:
@@ -135,3 +161,43 @@ def eskd(node: DictConfig, cfg: DictConfig) -> dict:
             "teacher_ckpt": "best" if teacher_epoch is None else f"epoch={teacher_epoch}",
         },
     }
+
+
+def prune_kd(node: DictConfig, cfg: DictConfig) -> dict:
+    """Prune, then recover by distillation: a copy of the command's teacher (``source:
+    teacher``; trained on demand when it has no ckpt) or of a trained student
+    (``source: <checkpoint>``, the architecture of ``student=``) is pruned by ``prune``
+    (:class:`~distill_zoo.shipping.prune.PruneSpec`) and fine-tuned with ``distiller``, the
+    unpruned teacher teaching (``distiller: none``: plain fine-tuning, every pruning paper's
+    baseline). With ``rounds: N`` each round prunes the previous round's fine-tuned network
+    by the same fraction, ``1 - (1 - ratio) ** (1 / N)``, so that ``ratio`` of the MACs (or
+    parameters) is gone after the last round (iterative pruning, Han et al., NIPS 2015)."""
+    rounds = int(node.rounds)
+    ratio = float(node.ratio)
+    if rounds < 1:
+        raise ValueError(f"pipeline=prune_kd needs rounds >= 1, got {rounds}")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(
+            f"pipeline=prune_kd needs 0 < ratio < 1 (the fraction removed), got {ratio}"
+        )
+    per_round = 1.0 - (1.0 - ratio) ** (1.0 / rounds)
+    source = str(node.source)
+    if source == "teacher":
+        arch, first = _arch(cfg.teacher), {"init_from_teacher": True}
+    else:
+        arch, first = [], {"overrides": [f"init_from={source}"]}
+    prune = [
+        f"prune={node.method}",
+        f"prune.ratio={per_round:.6f}",
+        *(node.get("prune_overrides") or []),
+    ]
+    stages: dict = {}
+    for k in range(1, rounds + 1):
+        spec: dict = {"overrides": [*arch, *prune, *_distiller(node)]}
+        if k == 1:
+            spec["overrides"] = [*first.get("overrides", []), *spec["overrides"]]
+            spec.update({key: v for key, v in first.items() if key != "overrides"})
+        else:
+            spec["init"] = f"round{k - 1}"
+        stages[f"round{k}"] = spec
+    return stages

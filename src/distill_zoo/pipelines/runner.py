@@ -21,6 +21,8 @@ seed, epochs, ...) followed by the stage's ``overrides``. A stage may take
 - ``init: <earlier stage>``: this stage's student, and every distiller part of the same name
   and shape (a paraphraser, a connector), start from that stage's ``init_ckpt`` checkpoint
   (``last`` by default: an initialisation stage's validation accuracy says nothing);
+- ``init_from_teacher: true``: this stage's student starts from the command's teacher's
+  weights (trained on demand if needed): pruning a copy of the teacher (``prune_kd``);
 - ``seed_offset: k``: the stage runs with ``seed + k`` (born-again generations differ).
 
 Instead of ``stages``, a pipeline config may name a ``builder`` (``takd``, ``ban``, ``rco``,
@@ -58,6 +60,7 @@ STAGE_KEYS = (
     "with_command_teacher",
     "init",
     "init_ckpt",
+    "init_from_teacher",
     "seed_offset",
 )
 PIPELINE_ONLY_KEYS = ("pipeline", "resume", "ckpt_path")
@@ -77,6 +80,7 @@ class Stage:
     with_command_teacher: bool = False
     init: str | None = None
     init_ckpt: str = "last"
+    init_from_teacher: bool = False
     seed_offset: int = 0
 
     @property
@@ -267,7 +271,14 @@ def _train_teacher_on_demand(cfg: DictConfig, stage: Stage, stage_cfg: DictConfi
     ``epochs`` or ``sched`` for itself (an initialisation stage)."""
     if stage.teachers and not stage.with_command_teacher:
         return
-    if not build.needs_teacher(stage_cfg) or not build.has_teacher(stage_cfg):
+    if not (build.needs_teacher(stage_cfg) or stage.init_from_teacher):
+        return
+    if not build.has_teacher(stage_cfg):
+        if stage.init_from_teacher:
+            raise ValueError(
+                f"pipeline stage '{stage.name}' starts from the command's teacher, but "
+                "teacher=none: choose one (teacher=<arch>, optionally teacher.ckpt=<file>)"
+            )
         return
     if stage_cfg.teacher.get("ckpt"):
         return
@@ -301,6 +312,8 @@ def _hand_over(
         stage_cfg.teacher = members[0] if len(members) == 1 else {"members": members}
     if stage.init:
         stage_cfg.init_from = _checkpoint(finished[stage.init], stage.init_ckpt, stage.init, stage)
+    elif stage.init_from_teacher:
+        stage_cfg.init_from = stage_cfg.teacher.ckpt
 
 
 def _checkpoint(metrics: dict, which: str, source: str, stage: Stage) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distill_zoo.models import pruned_structure
+
 log = logging.getLogger(__name__)
 
 RANGE_BUFFERS = ("act_min", "act_max")
@@ -93,6 +95,11 @@ def load_weights(
     """
     path = Path(path).expanduser()
     obj = read_checkpoint(path, role, config_key) if loaded is None else loaded
+    structure = obj.get(pruned_structure.STRUCTURE_KEY) if isinstance(obj, dict) else None
+    if structure and pruned_structure.is_pruned(model, structure):
+        # A pruned network's checkpoint: the freshly built architecture takes its sizes first.
+        pruned_structure.restore(model, structure)
+        log.info("%s checkpoint %s holds a pruned network: its structure restored", role, path)
     state = extract_state_dict(obj, source=f"{role} checkpoint {path}")
     own = model.state_dict()
     # A quantized student's input ranges are absent from float checkpoints and vice versa.

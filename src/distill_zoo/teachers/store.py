@@ -47,6 +47,7 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
         init_from=None,
         pipeline=None,
         quantize=None,  # a teacher trained on demand is a float network
+        prune=None,  # ... and an unpruned one
     )
     # The teacher cache and its replayed augmentations speed up distillation; the teacher
     # itself trains on fresh augmentations and has no teacher to cache.
