@@ -234,19 +234,22 @@ def shape_student(
 def _task_loss_backward(
     task: Task, datamodule: L.LightningDataModule, batches: int
 ) -> Callable[[nn.Module], None]:
-    """``backward(model)``: the task loss of ``model`` on the first ``batches`` training
-    batches, back-propagated (Taylor importance). The loader is built before any DDP
-    sampler exists and follows the run's seed, so every process scores the same batches."""
+    """``backward(model)``: the task loss of ``model`` (on the CPU, where it is built) on the
+    first ``batches`` training batches, back-propagated (Taylor importance). The loader is
+    built before any DDP sampler exists and follows the run's seed, so every process scores
+    the same batches."""
+
+    # Drawn once: every probe of the pruning search, and the final pruning, score channels
+    # on the same batches (a loader drawn again may shuffle differently).
+    loader, chosen = datamodule.train_dataloader(), []
+    transfer = getattr(datamodule, "transfer_batch_to_device", None)
+    for batch in loader:
+        if len(chosen) == batches:
+            break
+        chosen.append(transfer(batch, torch.device("cpu"), 0) if transfer is not None else batch)
 
     def backward(model: nn.Module) -> None:
-        loader = datamodule.train_dataloader()
-        transfer = getattr(datamodule, "transfer_batch_to_device", None)
-        device = next(model.parameters()).device
-        for index, batch in enumerate(loader):
-            if index >= batches:
-                break
-            if transfer is not None:
-                batch = transfer(batch, device, 0)
+        for batch in chosen:
             images, targets, indices = batch[:3]
             prediction, outputs = task.student_forward(model, images, targets)
             out = StepOutputs(

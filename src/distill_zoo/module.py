@@ -259,8 +259,10 @@ class DistillationModule(L.LightningModule):
         if isinstance(model, DistributedDataParallel):
             model.require_forward_param_sync = True
 
-    def on_fit_start(self) -> None:
-        if self.student_pruned and self.trainer.world_size > 1:
+    def setup(self, stage: str) -> None:
+        # Here, not in on_fit_start: the process group exists, but DDP has not wrapped the
+        # student yet (its own shape check would fail first, with a cryptic message).
+        if stage == "fit" and self.student_pruned and self.trainer.world_size > 1:
             # Each process pruned (or rebuilt) its own copy before DDP existed; a structure
             # that differs across ranks would make DDP's gradient buckets disagree.
             mine = _structure_digest(self.student)

@@ -291,7 +291,9 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
             )
             log.info("compression:\n%s", compression.format_report(metrics["compression"]))
             if module.pruning_report is not None:
-                metrics[PRUNING_REPORT_KEY] = pruning_latency(cfg, module, datamodule)
+                metrics[PRUNING_REPORT_KEY] = pruning_latency(
+                    cfg, module, datamodule, metrics[compression.METRICS_KEY]["student"]
+                )
         quant = quant_spec(cfg)
         if quant is not None:
             quantized = quant.report(module.student, datamodule)
@@ -303,19 +305,26 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
 
 
 def pruning_latency(
-    cfg: DictConfig, module: DistillationModule, datamodule: L.LightningDataModule
+    cfg: DictConfig,
+    module: DistillationModule,
+    datamodule: L.LightningDataModule,
+    compression_row: dict,
 ) -> dict:
     """The run's pruning report with the CPU latency of the network before pruning (rebuilt
-    from ``init_from``) and of the trained pruned student, measured as the compression report
-    measures (same input, batch sizes, repeats)."""
+    from ``init_from`` and measured as the compression report measures: same input, batch
+    sizes, repeats) and of the pruned student (``compression_row``, its report's row)."""
     unpruned = build_model(cfg.student, datamodule.num_classes, datamodule.in_channels)
     load_weights(unpruned, cfg.init_from, role="student init", config_key="init_from")
     example = example_input(datamodule)
+    before = compression.measure(unpruned, example, repeats=5, warmup=1)
+    after = compression_row
+    latency = {
+        side: {k: v for k, v in row.items() if k.startswith("cpu_latency")}
+        for side, row in (("before", before), ("after", after))
+    }
     report = {**module.pruning_report}
-    for side, model in (("before", unpruned), ("after", module.student)):
-        measured = compression.measure(model, example, repeats=5, warmup=1)
-        latency = {k: v for k, v in measured.items() if k.startswith("cpu_latency")}
-        report[side] = {**report[side], **latency}
+    for side in ("before", "after"):
+        report[side] = {**report[side], **latency[side]}
     return report
 
 

@@ -75,7 +75,6 @@ class AttentiveHints(Distiller):
         hint_only: Return only the weighted hint term (the paper's first stage).
         ce_weight: Weight of the task loss (``task.loss``).
         kd_weight: Weight of added output matching (MSE to the teacher; 0: none).
-        kd_temperature: Unused on regression.
     """
 
     tasks = ("regression",)
@@ -93,7 +92,6 @@ class AttentiveHints(Distiller):
         hint_only: bool = False,
         ce_weight: float = 1.0,
         kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
     ) -> None:
         super().__init__(
             student,
@@ -101,7 +99,6 @@ class AttentiveHints(Distiller):
             context=context,
             ce_weight=ce_weight,
             kd_weight=kd_weight,
-            kd_temperature=kd_temperature,
         )
         if weight < 0:
             raise ValueError(f"attentive_hints' weight must be >= 0, got {weight}")

@@ -160,7 +160,6 @@ class AttentiveImitation(Distiller):
     Args:
         alpha: Weight of the supervised term, in ``[0, 1]``; ``1 - alpha`` weighs imitation.
         kd_weight: Weight of added plain output matching (MSE to the teacher; 0: none).
-        kd_temperature: Unused on regression.
     """
 
     tasks = ("regression",)
@@ -173,7 +172,6 @@ class AttentiveImitation(Distiller):
         context: DistillContext | None = None,
         alpha: float = 0.5,
         kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
     ) -> None:
         super().__init__(
             student,
@@ -181,7 +179,6 @@ class AttentiveImitation(Distiller):
             context=context,
             ce_weight=alpha,
             kd_weight=kd_weight,
-            kd_temperature=kd_temperature,
         )
         check_alpha(alpha)
         self.alpha = alpha

@@ -25,7 +25,6 @@ class TeacherBounded(Distiller):
         margin: Margin ``m`` (in squared standardised units).
         ce_weight: Weight of the task loss (``task.loss``).
         kd_weight: Weight of added output matching (MSE to the teacher; 0: none).
-        kd_temperature: Unused on regression.
     """
 
     tasks = ("regression",)
@@ -40,7 +39,6 @@ class TeacherBounded(Distiller):
         margin: float = 0.0,
         ce_weight: float = 1.0,
         kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
     ) -> None:
         super().__init__(
             student,
@@ -48,7 +46,6 @@ class TeacherBounded(Distiller):
             context=context,
             ce_weight=ce_weight,
             kd_weight=kd_weight,
-            kd_temperature=kd_temperature,
         )
         if nu < 0:
             raise ValueError(f"teacher_bounded's nu must be >= 0, got {nu}")

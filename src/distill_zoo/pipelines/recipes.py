@@ -39,12 +39,21 @@ def _arch(model: DictConfig) -> list[str]:
     if not name:
         raise ValueError("the teacher config names no architecture (teacher=none?)")
     arguments = [
-        f"student.{key}={'null' if value is None else value}"
+        f"student.{key}={_override_value(value)}"
         for key, value in model.items()
         if key not in ("_target_", "name", "ckpt")
         and (value is None or isinstance(value, (bool, int, float, str)))
     ]
     return [f"student={_student_choice(model)}", *arguments]
+
+
+def _override_value(value: object) -> str:
+    """A scalar as a Hydra override value: strings quoted (they may hold ``,`` or ``:``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _student_choice(model: DictConfig) -> str:

@@ -313,7 +313,14 @@ def _hand_over(
     if stage.init:
         stage_cfg.init_from = _checkpoint(finished[stage.init], stage.init_ckpt, stage.init, stage)
     elif stage.init_from_teacher:
-        stage_cfg.init_from = stage_cfg.teacher.ckpt
+        ckpt = stage_cfg.teacher.get("ckpt")
+        if not isinstance(ckpt, str) or stage_cfg.teacher.get("members"):
+            raise ValueError(
+                f"pipeline stage '{stage.name}' starts from the command's teacher, which must be "
+                f"one network with one checkpoint (got ckpt={ckpt}): pass teacher=<arch> "
+                "teacher.ckpt=<file>, or none to train it on demand"
+            )
+        stage_cfg.init_from = ckpt
 
 
 def _checkpoint(metrics: dict, which: str, source: str, stage: Stage) -> str:

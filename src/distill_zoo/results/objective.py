@@ -139,12 +139,19 @@ def record(
     """Scores a finished run for the search (:func:`search_value` of ``cfg.search``), writes
     the record (plus ``architecture``, ``family`` and ``teacher``) into
     ``<run_dir>/search.json`` when ``write`` (``None``: on the global rank zero, as
-    ``metrics.json``), and returns the value. A pipeline's record goes into the pipeline's
-    folder, scored on its last stage."""
+    ``metrics.json``; another rank returns the best validation value unscored), and returns
+    the value. A pipeline is scored on its last stage, whose folder gets the record."""
     if write is None:
         from lightning.pytorch.utilities import rank_zero_only
 
         write = rank_zero_only.rank == 0
+    if not write:
+        # Another DDP rank: only rank 0 measures the compression report (the cost), and only
+        # rank 0's value reaches the sweeper.
+        monitor = str(metrics.get("monitor", "val/acc1")).split("/", 1)[1]
+        return float(metrics["best_val_" + monitor])
+    if metrics.get("stages"):  # a pipeline: the report reads its last stage's folder
+        run_dir = Path(run_dir) / metrics["stages"][-1]["folder"]
     result = search_value(cfg["search"], metrics)
     teacher = cfg.get("teacher") or {}
     result.update(

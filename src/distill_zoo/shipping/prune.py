@@ -158,7 +158,9 @@ class PruneSpec:
         first, keeps 21.6% of its MACs for a 25% target; vgg8, mobilenetv2 and resnet32x4 come
         within 1%); with ``scope="global"`` one channel at a time, within about 1%.
         Each probe costs a pruning and a forward pass (0.1-1 s for the CIFAR zoo on a CPU
-        thread); a search takes 1 to 13 probes. On an error the model is left unpruned.
+        thread); a search takes 1 to 13 probes. An error during the search leaves the model
+        unpruned; one in the final pruning (a failing ``backward``, say) may leave it partly
+        pruned: build it afresh.
 
         Layers producing the model's outputs (a classifier's last ``Linear``, a segmentation
         head's final classifier conv, those of an auxiliary head or of every branch summed
