@@ -12,13 +12,10 @@ from distill_zoo.distillers.base import (
     DistillContext,
     Distiller,
     StepOutputs,
-    probe_shapes,
-    select_layers,
 )
 from distill_zoo.distillers.connectors import shape_mismatch
-from distill_zoo.distillers.fitnets import HintRegressor
-from distill_zoo.distillers.layers import LayerChoice, as_choice
-from distill_zoo.distillers.taps import check_layers
+from distill_zoo.distillers.fitnets import HintRegressor, hint_pair
+from distill_zoo.distillers.layers import LayerChoice
 from distill_zoo.losses import reliability_weighted_mse
 
 
@@ -37,13 +34,6 @@ def adaptation_layer(
     raise ValueError(
         "attentive hints map [B, C, H, W] maps onto maps, or [B, C] vectors onto vectors"
     )
-
-
-def _one_layer(choice: LayerChoice, stages: list[str], role: str) -> str:
-    names = select_layers(stages, as_choice(choice), 1)
-    if len(names) != 1:
-        raise ValueError(f"attentive hints use one {role} layer, but {names} were chosen")
-    return names[0]
 
 
 class AttentiveHints(Distiller):
@@ -104,15 +94,9 @@ class AttentiveHints(Distiller):
             raise ValueError(f"attentive_hints' weight must be >= 0, got {weight}")
         self.weight = weight
         self.hint_only = hint_only
-        self.student_layer = _one_layer(student_layers, self.context.student_stages, "student")
-        self.teacher_layer = _one_layer(teacher_layers, self.context.teacher_stages, "teacher")
-        check_layers(student, [self.student_layer], role="student")
-        check_layers(teacher, [self.teacher_layer], role="teacher")
-        if self.context.example_input is None:
-            raise ValueError("attentive hints need context.example_input to build W")
-        s_shape = probe_shapes(student, [self.student_layer], self.context.example_input)
-        t_shape = probe_shapes(teacher, [self.teacher_layer], self.context.example_input)
-        s_shape, t_shape = s_shape[self.student_layer], t_shape[self.teacher_layer]
+        self.student_layer, self.teacher_layer, s_shape, t_shape = hint_pair(
+            student, teacher, self.context, student_layers, teacher_layers, "attentive hints"
+        )
         try:
             self.regressor = adaptation_layer(s_shape, t_shape, regressor_relu)
         except ValueError as err:

@@ -62,11 +62,33 @@ class HintRegressor(nn.Module):
         return self.relu(self.bn(x))
 
 
-def _one_layer(choice: LayerChoice, stages: list[str], role: str) -> str:
+def _one_layer(choice: LayerChoice, stages: list[str], role: str, method: str) -> str:
     names = select_layers(stages, as_choice(choice), 1)
     if len(names) != 1:
-        raise ValueError(f"FitNets uses one {role} hint layer, but {names} were chosen")
+        raise ValueError(f"{method} uses one {role} hint layer, but {names} were chosen")
     return names[0]
+
+
+def hint_pair(
+    student: nn.Module,
+    teacher: nn.Module,
+    context: DistillContext,
+    student_layers: LayerChoice,
+    teacher_layers: LayerChoice,
+    method: str,
+) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+    """The guided (student) and hint (teacher) layer a hint method reads, checked to exist,
+    and their output shapes from a dry forward pass: ``(s_layer, t_layer, s_shape, t_shape)``.
+    """
+    s_layer = _one_layer(student_layers, context.student_stages, "student", method)
+    t_layer = _one_layer(teacher_layers, context.teacher_stages, "teacher", method)
+    check_layers(student, [s_layer], role="student")
+    check_layers(teacher, [t_layer], role="teacher")
+    if context.example_input is None:
+        raise ValueError(f"{method} needs context.example_input to build its regressor")
+    s_shape = probe_shapes(student, [s_layer], context.example_input)[s_layer]
+    t_shape = probe_shapes(teacher, [t_layer], context.example_input)[t_layer]
+    return s_layer, t_layer, tuple(s_shape), tuple(t_shape)
 
 
 class FitNets(Distiller):
@@ -134,15 +156,9 @@ class FitNets(Distiller):
         self.weight = weight
         self.formulation = formulation
         self.hint_only = hint_only
-        self.student_layer = _one_layer(student_layers, self.context.student_stages, "student")
-        self.teacher_layer = _one_layer(teacher_layers, self.context.teacher_stages, "teacher")
-        check_layers(student, [self.student_layer], role="student")
-        check_layers(teacher, [self.teacher_layer], role="teacher")
-        if self.context.example_input is None:
-            raise ValueError("FitNets needs context.example_input to build its regressor")
-        s_shape = probe_shapes(student, [self.student_layer], self.context.example_input)
-        t_shape = probe_shapes(teacher, [self.teacher_layer], self.context.example_input)
-        s_shape, t_shape = s_shape[self.student_layer], t_shape[self.teacher_layer]
+        self.student_layer, self.teacher_layer, s_shape, t_shape = hint_pair(
+            student, teacher, self.context, student_layers, teacher_layers, "FitNets"
+        )
         if len(s_shape) != 4 or len(t_shape) != 4:
             raise ValueError(
                 "FitNets regresses [B, C, H, W] feature maps with a conv: "
