@@ -316,6 +316,7 @@ def test_preset_searches_family_blocks_width_with_seeded_tpe():
     assert macs == cfg.search.target_macs
 
 
+@pytest.mark.slow  # ~35 s: two trials through Optuna and a teacher trained on demand
 def test_two_trial_search_scores_trials_and_reports_the_cloud(tmp_path, teacher_store):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the `search` extra")
     sweep = tmp_path / "sweep"

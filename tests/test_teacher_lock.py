@@ -55,7 +55,7 @@ def wait_for(condition, seconds: float = 30.0) -> None:
 
 def test_lock_file_sits_beside_the_entry(tiny_config, tmp_path):
     entry = store.entry(tiny_config(f"teacher_store={tmp_path}"))
-    assert store.lock_file(entry) == tmp_path / f"{entry.run_dir.name}.lock"
+    assert store.lock_file(entry) == tmp_path / f".{entry.run_dir.name}.lock"
     with store.lock(entry):
         assert held_elsewhere(store.lock_file(entry))
         assert not entry.run_dir.exists()  # the lock does not create the run folder

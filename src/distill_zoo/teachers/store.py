@@ -116,8 +116,9 @@ UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def lock_file(store_entry: StoreEntry) -> Path:
-    """``<teacher_store>/<arch>-<hash>.lock``: beside the entry's run folder, not in it."""
-    return store_entry.run_dir.with_name(store_entry.run_dir.name + LOCK_SUFFIX)
+    """``<teacher_store>/.<arch>-<hash>.lock``: beside the entry's run folder, not in it, and
+    hidden, so that listing the store's entries (``<arch>-*``) lists teachers only."""
+    return store_entry.run_dir.with_name(f".{store_entry.run_dir.name}{LOCK_SUFFIX}")
 
 
 @contextmanager
