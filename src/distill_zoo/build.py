@@ -213,10 +213,10 @@ def shape_student(
             f"prune= serves task={'|'.join(PRUNABLE_TASKS)}, not task={task.name} (a "
             "detector's anchors and box coder tie its heads' channels): set prune=null"
         )
-    teachers.load_weights(student, cfg.init_from, role="student init", config_key="init_from")
     options = OmegaConf.to_container(prune, resolve=True)
     batches = options.pop("taylor_batches", 4)
-    spec = instantiate(options)
+    spec = instantiate(options)  # first: a bad prune.* key fails before anything is loaded
+    teachers.load_weights(student, cfg.init_from, role="student init", config_key="init_from")
     log.info("Pruning the student from %s: %s", cfg.init_from, spec)
     backward = _task_loss_backward(task, datamodule, batches)
     report = spec.prune(student, example_input(datamodule), backward=backward)
