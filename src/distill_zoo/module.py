@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import warnings
@@ -31,12 +29,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 PRUNING_REPORT_KEY = "pruning"
 """Where a pruned run's checkpoints and ``metrics.json`` keep its before/after report."""
-
-
-def _structure_digest(model: nn.Module) -> str:
-    """A short fingerprint of a (pruned) network's sizes, equal where the structures are."""
-    text = json.dumps(pruned_structure.record(model), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -265,7 +257,7 @@ class DistillationModule(L.LightningModule):
         if stage == "fit" and self.student_pruned and self.trainer.world_size > 1:
             # Each process pruned (or rebuilt) its own copy before DDP existed; a structure
             # that differs across ranks would make DDP's gradient buckets disagree.
-            mine = _structure_digest(self.student)
+            mine = pruned_structure.digest(self.student)
             same = self.trainer.strategy.reduce_boolean_decision(
                 mine == self.trainer.strategy.broadcast(mine, src=0), all=True
             )

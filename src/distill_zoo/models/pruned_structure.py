@@ -20,6 +20,8 @@ A record holds, keyed by the names of ``model.named_modules()``, ``named_paramet
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -210,3 +212,9 @@ def is_pruned(model: nn.Module, structure: dict) -> bool:
     """
     attributes, tensors = _changes(model, structure)
     return bool(attributes or tensors)
+
+
+def digest(model: nn.Module) -> str:
+    """A fingerprint of ``model``'s :func:`record`: equal exactly where two networks have the
+    same sizes (DDP processes compare theirs after each pruned its own copy)."""
+    return hashlib.sha256(json.dumps(record(model), sort_keys=True).encode()).hexdigest()
