@@ -48,6 +48,13 @@ from distill_zoo.losses.features import (
     ofd_loss,
     ofd_margin,
 )
+from distill_zoo.losses.language import (
+    DIVERGENCES,
+    TopKLogProbs,
+    teacher_topk,
+    token_cross_entropy,
+    token_divergence,
+)
 from distill_zoo.losses.logits import (
     TF_KD_FORMULATIONS,
     cross_entropy,
@@ -90,6 +97,11 @@ from distill_zoo.losses.relational import (
 
 __all__ = [
     "CC_MODES",
+    "DIVERGENCES",
+    "TopKLogProbs",
+    "teacher_topk",
+    "token_cross_entropy",
+    "token_divergence",
     "DARKRANK_TRANSFERS",
     "FORMULATIONS",
     "HCL_LEVELS",
