@@ -99,6 +99,8 @@ def build_teacher(
     teacher = build_model(cfg.teacher, num_classes, in_channels)
     if ckpt:
         return teachers.load_weights(teacher, ckpt)
+    if cfg.teacher.get("pretrained"):
+        return teacher  # loaded from its save_pretrained folder: trained already
     if train_teacher is None:
         raise ValueError(
             "teacher.ckpt is null and nothing here trains teachers on demand: pass "
@@ -112,7 +114,7 @@ def teacher_stages(cfg: DictConfig, teacher: nn.Module | None) -> list[str]:
     if teacher is None:
         return []
     node = cfg.teacher.members[0] if cfg.teacher.get("members") else cfg.teacher
-    stages = list(node.get("feature_layers") or [])
+    stages = list(node.get("feature_layers") or getattr(teacher, "feature_layers", None) or [])
     if isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
         return [f"members.0.{name}" for name in stages]
     return stages
@@ -339,7 +341,9 @@ def build_run(
         quant.prepare(student, example_input(datamodule))
     context = DistillContext(
         task=task.name,
-        student_stages=list(cfg.student.get("feature_layers") or []),
+        student_stages=list(
+            cfg.student.get("feature_layers") or getattr(student, "feature_layers", None) or []
+        ),
         teacher_stages=teacher_stages(cfg, teacher),
         example_input=example_input(datamodule),
         num_classes=num_classes,
@@ -376,4 +380,4 @@ def example_input(datamodule: L.LightningDataModule) -> torch.Tensor:
     shape = getattr(datamodule, "input_shape", None)
     if shape is None:
         shape = (datamodule.in_channels, *datamodule.image_size)
-    return torch.zeros(2, *shape)
+    return torch.zeros(2, *shape, dtype=getattr(datamodule, "input_dtype", torch.float32))

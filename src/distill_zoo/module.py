@@ -218,7 +218,9 @@ class DistillationModule(L.LightningModule):
         return logits, {}
 
     def _run_teacher(self, images: Tensor) -> tuple[Any, dict[str, Tensor]]:
-        inputs = images if self.teacher_dtype is None else images.to(self.teacher_dtype)
+        inputs = images
+        if self.teacher_dtype is not None and images.is_floating_point():  # not token ids
+            inputs = images.to(self.teacher_dtype)
         with torch.inference_mode() if self.teacher_inference_mode else torch.no_grad():
             prediction = self.task.predict(self.teacher, inputs)
             features = self.teacher_tap.pop()
@@ -299,7 +301,7 @@ class DistillationModule(L.LightningModule):
             (None, {}) if after_student else self._teacher_forward(images, indices, aug_keys)
         )
         prediction, outputs = self.distiller.student_forward(
-            self.task, self.student, images, targets
+            self.task, self.student, images, targets, indices=indices, teacher=self.teacher
         )
         teacher_is_tensor = isinstance(teacher_prediction, Tensor)
         out = StepOutputs(

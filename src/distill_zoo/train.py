@@ -294,6 +294,9 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
                 metrics[PRUNING_REPORT_KEY] = pruning_latency(
                     cfg, module, datamodule, metrics[compression.METRICS_KEY]["student"]
                 )
+        samples = module.task.write_samples(run_dir, module.student, module.teacher, datamodule)
+        if samples is not None:
+            log.info("samples (greedy, %s): %s", SAMPLES_NOTE, json.dumps(samples))
         quant = quant_spec(cfg)
         if quant is not None:
             quantized = quant.report(module.student, datamodule)
@@ -348,6 +351,7 @@ def task_metrics(task: Task, best_score: float | None, best: dict, last: dict) -
 
 
 METRIC_TITLES = {"acc1": "top-1", "miou": "mIoU", "map": "mAP", "mae": "MAE"}
+SAMPLES_NOTE = "the best checkpoint's student and the teacher, written to samples.json"
 FRACTIONS = ("acc", "miou", "pixel_acc", "map", "agreement")
 
 

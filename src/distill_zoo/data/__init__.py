@@ -23,9 +23,11 @@ from distill_zoo.data.digits import DigitsDataModule
 from distill_zoo.data.imagefolder import ImageFolderDataModule
 from distill_zoo.data.synthetic import SyntheticDataModule
 from distill_zoo.data.tabular import TabularRegressionDataModule
+from distill_zoo.data.text import TextDataModule
 from distill_zoo.data.voc import VOCDetectionDataModule, VOCSegmentationDataModule
 
 __all__ = [
+    "TextDataModule",
     "BaseDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",

@@ -3,6 +3,7 @@
 from distill_zoo.tasks.base import TASKS, Monitor, StepOutputs, Task
 from distill_zoo.tasks.classification import ClassificationTask
 from distill_zoo.tasks.detection import DetectionTask
+from distill_zoo.tasks.language_modeling import LanguageModelingTask
 from distill_zoo.tasks.regression import RegressionTask
 from distill_zoo.tasks.segmentation import SegmentationTask
 
@@ -10,6 +11,7 @@ __all__ = [
     "TASKS",
     "ClassificationTask",
     "DetectionTask",
+    "LanguageModelingTask",
     "Monitor",
     "RegressionTask",
     "SegmentationTask",

@@ -18,7 +18,7 @@ from torchmetrics import Metric, MetricCollection
 
 from distill_zoo.losses import cross_entropy
 
-TASKS = ("classification", "segmentation", "detection", "regression")
+TASKS = ("classification", "segmentation", "detection", "regression", "language_modeling")
 
 
 @dataclass
@@ -178,6 +178,13 @@ class Task:
 
     def batch_size(self, inputs: Tensor) -> int:
         return int(inputs.shape[0])
+
+    def write_samples(
+        self, run_dir: Any, student: nn.Module, teacher: nn.Module | None, datamodule: Any
+    ) -> dict | None:
+        """Writes examples of the finished run's predictions into ``run_dir`` (a language
+        model's generations) and returns them; nothing by default."""
+        return None
 
 
 def as_tensor_prediction(output: Any) -> Tensor:
