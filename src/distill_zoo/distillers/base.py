@@ -14,8 +14,11 @@ from distill_zoo.distillers.taps import probe_shapes, select_layers  # noqa: F40
 from distill_zoo.losses import kd_loss, mse_to_teacher
 from distill_zoo.tasks.base import TASKS, StepOutputs
 
-ALL_TASKS: tuple[str, ...] = TASKS
-"""What a method serves that reads only tapped features and the task loss."""
+ALL_TASKS: tuple[str, ...] = tuple(task for task in TASKS if task != "language_modeling")
+"""What a method serves that reads only tapped features and the task loss: every task whose
+models give one feature map or vector per sample. A language model's features are per token
+(``[B, L, D]``): the methods that serve it name it (FitNets' hidden-state hints, the token
+divergences)."""
 
 
 class Distiller(nn.Module):
@@ -116,10 +119,22 @@ class Distiller(nn.Module):
 
     # --- hooks for methods that change how a step runs ---------------------------------------
 
-    def student_forward(self, task: Any, student: nn.Module, images: Tensor, targets: Any):
+    def student_forward(
+        self,
+        task: Any,
+        student: nn.Module,
+        images: Tensor,
+        targets: Any,
+        *,
+        indices: Tensor | None = None,
+        teacher: nn.Module | None = None,
+    ):
         """The student's prediction and other outputs in a training step: the task's forward
         by default; a method that reads a model's internals (Chen et al.'s RPN and box-head
-        outputs) runs its own pass and returns them in the outputs mapping."""
+        outputs) runs its own pass and returns them in the outputs mapping. A method whose
+        student learns from other inputs than the batch's (sequences the student or the
+        teacher generates) makes them here: ``indices`` are the batch's dataset positions,
+        ``teacher`` the frozen teacher (run it without gradients)."""
         return task.student_forward(student, images, targets)
 
     teacher_after_student: bool = False

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from distill_zoo.config import CONF_DIR, compose
-from distill_zoo.distillers.base import ALL_TASKS, DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.tasks.base import TASKS
 
 
 def load_part_config(name: str, overrides: dict | None = None):
@@ -36,7 +37,7 @@ class Combo(Distiller):
         ce_weight: Weight of the hard-label cross-entropy.
     """
 
-    tasks = ALL_TASKS  # each part checks the task itself, naming the one that does not fit
+    tasks = TASKS  # each part checks the task itself, naming the one that does not fit
 
     def __init__(
         self,
@@ -81,10 +82,12 @@ class Combo(Distiller):
             raise ValueError(f"parts {found} of distiller=combo both {what}: keep one of them")
         return found[0] if found else None
 
-    def student_forward(self, task, student, images, targets):
+    def student_forward(self, task, student, images, targets, **context):
         if self.pass_name is None:
-            return super().student_forward(task, student, images, targets)
-        return self.parts[self.pass_name].student_forward(task, student, images, targets)
+            return super().student_forward(task, student, images, targets, **context)
+        return self.parts[self.pass_name].student_forward(
+            task, student, images, targets, **context
+        )
 
     def teacher_pass(self, teacher, out):
         return self.parts[self.pass_name].teacher_pass(teacher, out)

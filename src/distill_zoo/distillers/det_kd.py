@@ -156,7 +156,9 @@ class DetectionKD(Distiller):
             self.student_layers = self.hints.student_layers
             self.teacher_layers = self.hints.teacher_layers
 
-    def student_forward(self, task: Any, student: nn.Module, images: Tensor, targets: Any):
+    def student_forward(
+        self, task: Any, student: nn.Module, images: Tensor, targets: Any, **_: Any
+    ):
         if not self.heads:
             return task.student_forward(student, images, targets)
         rcnn = rcnn_train_pass(student, images, targets)

@@ -108,6 +108,10 @@ class FitNets(Distiller):
     ``formulation="paper"`` is Eq. 3's ``1/2 ||u_h - r(v_g)||^2`` per sample, averaged over
     the batch.
 
+    On language models the tapped layers are decoder blocks whose outputs are hidden states
+    ``[B, L, D]``: the regressor is then a linear map from the student's width to the
+    teacher's (TinyBERT's ``MSE(H_S W_h, H_T)``, Jiao et al. 2020; ``distiller=hidden_kd``).
+
     The paper trains in two stages: first the student up to the guided layer on the hint loss
     alone, then the whole student with KD. ``hint_only=True`` returns only the ``hint`` term,
     for that first stage (layers after the guided one then get no gradient; a pipeline runs
@@ -126,7 +130,7 @@ class FitNets(Distiller):
         kd_temperature: Temperature of that KD term.
     """
 
-    tasks = ALL_TASKS
+    tasks = (*ALL_TASKS, "language_modeling")
 
     def __init__(
         self,
@@ -159,12 +163,19 @@ class FitNets(Distiller):
         self.student_layer, self.teacher_layer, s_shape, t_shape = hint_pair(
             student, teacher, self.context, student_layers, teacher_layers, "FitNets"
         )
-        if len(s_shape) != 4 or len(t_shape) != 4:
+        if len(s_shape) == 3 and len(t_shape) == 3 and s_shape[1] == t_shape[1]:
+            # Token sequences [B, L, D]: a linear map of the student's hidden states onto the
+            # teacher's, as TinyBERT's hidden-state loss (Jiao et al., Findings of EMNLP 2020,
+            # https://arxiv.org/abs/1909.10351): MSE(H_S W_h, H_T).
+            self.regressor: nn.Module = nn.Linear(s_shape[2], t_shape[2])
+        elif len(s_shape) != 4 or len(t_shape) != 4:
             raise ValueError(
-                "FitNets regresses [B, C, H, W] feature maps with a conv: "
+                "FitNets regresses [B, C, H, W] feature maps with a conv, or token sequences "
+                "[B, L, D] of the same length with a linear map: "
                 f"{shape_mismatch(self.student_layer, s_shape, self.teacher_layer, t_shape)}"
             )
-        self.regressor = HintRegressor(s_shape, t_shape, relu=regressor_relu)
+        else:
+            self.regressor = HintRegressor(s_shape, t_shape, relu=regressor_relu)
 
     def trains_only_part(self) -> bool:
         return self.hint_only

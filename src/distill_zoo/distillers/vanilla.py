@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from distill_zoo.distillers.base import ALL_TASKS, Distiller, StepOutputs
+from distill_zoo.distillers.base import Distiller, StepOutputs
+from distill_zoo.tasks.base import TASKS
 
 
 class CrossEntropyOnly(Distiller):
@@ -15,7 +16,7 @@ class CrossEntropyOnly(Distiller):
     """
 
     requires_teacher = False
-    tasks = ALL_TASKS
+    tasks = TASKS
 
     def __init__(self, student, teacher=None, *, context=None, label_smoothing: float = 0.0):
         super().__init__(student, teacher, context=context, ce_weight=1.0)
