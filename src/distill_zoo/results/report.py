@@ -3,13 +3,15 @@
 Finds every run folder below the given one (a folder with ``config.yaml``, or a Hydra job
 folder with ``.hydra/``), groups the runs by their command-line overrides without ``seed``,
 and shows mean +- std over seeds of the task's metrics: the metric that picks the best
-checkpoint on validation (top-1, mIoU, mAP, MAE), each summary metric on the test split for
-the best-on-val checkpoint and the last epoch (papers report either), the teacher's, the
-teacher-student agreement, and the gain over the matching vanilla student (``distiller=none``
-with the same other overrides), paired by seed. Fractions (accuracy, mIoU, mAP, agreement)
-are shown in %, errors (a regression's MAE, RMSE and agreement, mean |student - teacher|) in
-the data's units; for an error the gain is vanilla minus student, so a positive gain is an
-improvement whatever the task. Runs of several tasks under one folder get one table per task.
+checkpoint on validation (top-1, mIoU, mAP, MAE, perplexity), each summary metric on the test
+split for the best-on-val checkpoint and the last epoch (papers report either), the teacher's,
+the teacher-student agreement, and the gain over the matching vanilla student
+(``distiller=none`` with the same other overrides), paired by seed. Fractions (accuracy, mIoU,
+mAP, agreement) are shown in %, errors (a regression's MAE, RMSE and agreement, mean
+|student - teacher|) in the data's units, a language model's perplexity as a number (its
+next-token accuracy and agreement in %); where lower is better (an error, perplexity) the gain
+is vanilla minus student, so a positive gain is an improvement whatever the task. Runs of
+several tasks under one folder get one table per task.
 Writes ``report.md`` and ``report.csv`` and, unless ``--no-plots``, the figures of
 :mod:`distill_zoo.results.plots` into ``plots/``. Trials of an architecture search
 (``hparams_search=arch_kd``) also get each teacher's Pareto front of accuracy against MACs
@@ -120,6 +122,9 @@ TASK_TEXTS = {
     "student's boxes against the teacher's boxes of score >= 0.5) in %",
     "regression": "MAE, RMSE (over all targets; per-target MAE in report.csv) and agreement "
     "(mean |student - teacher|: lower is closer) in the data's units, lower is better",
+    "language_modeling": "Perplexity (exp of the mean next-token cross-entropy over the test "
+    "tokens) as a number, lower is better; next-token accuracy and agreement (share of "
+    "tokens where student and teacher rank the same next token first) in %, higher is better",
 }
 """What a table's numbers are, per task."""
 
@@ -132,7 +137,7 @@ def task_text(table: TaskTable) -> str:
     if table.lower_is_better:
         gain = (
             f"Gain: the vanilla student's test {table.title} minus this group's (positive: "
-            "the distilled student's error is lower)"
+            f"the distilled student's {table.title} is lower)"
         )
     else:
         gain = f"Gain: test {table.title} minus that of the vanilla student, in percentage points"

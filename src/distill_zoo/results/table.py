@@ -86,18 +86,27 @@ def task_table(
     lower_is_better: bool = False,
     agreement_is_error: bool = False,
     negative_is_missing: bool = False,
+    error_metrics: tuple[str, ...] | None = None,
 ) -> TaskTable:
     """The :class:`TaskTable` of a task whose ``metrics.json`` has ``best_val_<monitor>``,
     ``test_<m>_best``/``_last`` for each ``summary`` metric, ``teacher_test_<m>`` for each
-    ``teacher`` metric and ``test_agreement_best`` (see ``distill_zoo.train.task_metrics``)."""
+    ``teacher`` metric and ``test_agreement_best`` (see ``distill_zoo.train.task_metrics``).
+
+    ``error_metrics`` names the metrics shown as numbers in their own units (perplexity
+    beside a language model's accuracy in %); ``None``: every metric when
+    ``lower_is_better`` (a regression's MAE and RMSE), none otherwise. The agreement is an
+    error only with ``agreement_is_error``."""
     name = titles.get(monitor, monitor)
     columns = {f"best_val_{monitor}": f"best val {name}"}
+    metric_of = {f"best_val_{monitor}": monitor}
     for metric in summary:
         title = titles.get(metric, metric)
         columns[f"test_{metric}_best"] = f"test {title} (best val)"
         columns[f"test_{metric}_last"] = f"test {title} (last)"
+        metric_of[f"test_{metric}_best"] = metric_of[f"test_{metric}_last"] = metric
     for metric in teacher:
         columns[f"teacher_test_{metric}"] = f"teacher {titles.get(metric, metric)}"
+        metric_of[f"teacher_test_{metric}"] = metric
     columns["test_agreement_best"] = agreement
     if lower_is_better:
         gains = {
@@ -111,7 +120,9 @@ def task_table(
             f"test_{monitor}_best": f"gain {name} (best val)",
             f"test_{monitor}_last": f"gain {name} (last)",
         }
-    errors = {k for k in columns if lower_is_better and k != "test_agreement_best"}
+    if error_metrics is None:
+        error_metrics = tuple(metric_of.values()) if lower_is_better else ()
+    errors = {key for key, metric in metric_of.items() if metric in error_metrics}
     if agreement_is_error:
         errors.add("test_agreement_best")
     return TaskTable(
@@ -157,6 +168,18 @@ TASK_TABLES = {
         "agreement: mean abs(student - teacher)",
         lower_is_better=True,
         agreement_is_error=True,
+    ),
+    # Perplexity is lower-is-better (the gain is vanilla minus student) and a number;
+    # next-token accuracy and agreement are fractions, higher is better, shown in %.
+    "language_modeling": task_table(
+        "language_modeling",
+        "perplexity",
+        ("perplexity", "acc"),
+        ("perplexity", "acc"),
+        {"perplexity": "perplexity", "acc": "next-token acc"},
+        "agreement (same top-1 token)",
+        lower_is_better=True,
+        error_metrics=("perplexity",),
     ),
 }
 """The table of each task: its monitor, summary and teacher metrics (as

@@ -20,10 +20,29 @@ heads, NMS) is what the latency times. A detector's MACs are partial: operators 
 does not know, torchvision's RoIAlign and NMS, are run but not counted; the report lists such
 operators under ``uncounted_ops`` and says so in its ``note``. A detector's work also depends on
 the image (the boxes that survive NMS reach the box head).
+
+Causal language models (integer token ids ``[B, L]`` as input) get two more rows.
+``macs_per_image`` is then per *sequence* of ``L`` tokens (the run's ``data.block_size``), and
+``macs_per_token`` is it divided by ``L``; attention's scores and weighted sum grow with ``L``,
+so it depends on the sequence length. Products are counted as the model runs them: an
+attention layer's ``L x L`` score matrix whole (the causal mask hides half of it, but the
+kernel still computes it). ``cpu_latency_ms_per_token`` is what shipping a small LM is about:
+the time of each generated token when decoding greedily at batch 1 with the key/value cache
+(:func:`distill_zoo.models.language.generate`, the library's ``generate`` for Hugging Face
+models), after a prompt of ``L / 2`` tokens: ``(t(N new tokens) - t(1 new token)) / (N - 1)``
+with ``N = 32`` by default, each ``t`` a median over the timed runs. The subtraction leaves out
+the prompt's own pass (which yields the first token) and ``generate``'s fixed set-up cost, so
+the figure is the cost of one more token once decoding runs.
+
+Attention through :func:`torch.nn.functional.scaled_dot_product_attention` is counted by
+running the MAC count on PyTorch's math kernel (``SDPBackend.MATH``: the same products as
+matrix multiplications the counter knows); the CPU's fused kernel, which latency times, is
+not known to the counter, which would otherwise leave attention out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import statistics
@@ -38,7 +57,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from distill_zoo.models.language import generate
 from distill_zoo.shipping import export
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch 2.2
+    SDPBackend = sdpa_kernel = None
 
 MACS_NOTE = (
     "macs_per_image: multiply-accumulates for one image, FLOPs/2 of torch.utils.flop_counter "
@@ -52,6 +77,17 @@ PARTIAL_MACS_NOTE = (
     "and NMS in a detector) ran but torch.utils.flop_counter does not count them, and a "
     "detector's work depends on the image (boxes kept after NMS reach the box head)"
 )
+TOKENS_NOTE = (
+    "; for a language model (token ids in, input_shape [L]): macs_per_image is per sequence "
+    "of L tokens, attention's L x L scores and weighted sum counted whole, and "
+    "macs_per_token = macs_per_image / L; cpu_latency_ms_batch<B> times one forward pass over "
+    "B sequences of L tokens; cpu_latency_ms_per_token: greedy decoding at batch 1 with the "
+    "key/value cache (the library's generate) after a prompt of prompt_tokens tokens, "
+    "(t(new_tokens) - t(1)) / (new_tokens - 1) with t the median time of generating that many "
+    "tokens: the time of one more token, the prompt's pass and generate's set-up left out"
+)
+NEW_TOKENS = 32
+"""Tokens generated after the prompt when a language model's latency per token is timed."""
 METRICS_KEY = "compression"
 COUNTED_NAMESPACES = ("aten", "prim", "prims")
 """Operator namespaces whose multiply-accumulates the counter knows (where there are any)."""
@@ -95,9 +131,27 @@ def count_macs_and_uncounted(model: nn.Module, example_input: Tensor) -> tuple[i
     know (outside PyTorch's namespaces, such as ``torchvision::roi_align`` and
     ``torchvision::nms`` in a detector): where there are any, the count is partial."""
     others = _OtherOperators()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter, others:
+    with (
+        torch.inference_mode(),
+        _math_attention(),
+        FlopCounterMode(display=False) as counter,
+        others,
+    ):
         model(example_input[:1])
     return counter.get_total_flops() // 2, sorted(others.seen)
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Scaled dot-product attention on PyTorch's math kernel: matrix products the FLOP
+    counter counts (it does not know the CPU's fused attention kernel)."""
+    if sdpa_kernel is None:  # pragma: no cover - torch 2.2
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def is_token_input(example_input: Tensor) -> bool:
+    """Whether ``example_input`` is token ids (integers, ``[B, L]``) of a language model."""
+    return example_input.ndim == 2 and not example_input.is_floating_point()
 
 
 def weights_file_bytes(model: nn.Module) -> int:
@@ -123,6 +177,68 @@ def cpu_latency_ms(model: nn.Module, images: Tensor, repeats: int, warmup: int) 
     return 1000 * statistics.median(times)
 
 
+def generation_lengths(
+    model: nn.Module, length: int, new_tokens: int = NEW_TOKENS
+) -> tuple[int, int]:
+    """The prompt length and the number of new tokens with which the latency per token of a
+    language model is timed: a prompt of ``length // 2`` tokens and ``new_tokens`` more,
+    fewer where the model reads fewer positions in all (``max_position_embeddings``).
+
+    Raises:
+        ValueError: For ``new_tokens < 2`` or a model that cannot generate 2 tokens after
+            the prompt.
+    """
+    if new_tokens < 2:
+        raise ValueError(
+            f"new_tokens must be >= 2 (a difference of two timings), got {new_tokens}"
+        )
+    prompt = max(1, length // 2)
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if positions is not None:
+        new_tokens = min(new_tokens, int(positions) - prompt)
+    if new_tokens < 2:
+        raise ValueError(
+            f"the model reads at most {positions} positions: no room to time 2 new tokens after "
+            f"a prompt of {prompt}"
+        )
+    return prompt, new_tokens
+
+
+def cpu_latency_ms_per_token(
+    model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int, warmup: int
+) -> float:
+    """Milliseconds per generated token of greedy decoding of ``prompt`` (``[1, P]`` token
+    ids) with :func:`~distill_zoo.models.language.generate` (the key/value cache of Hugging
+    Face models): ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, where ``t(n)`` is the median
+    wall time of generating ``n`` tokens over ``repeats`` timed runs after ``warmup`` untimed
+    ones. Generating one token is the prompt's pass alone (and ``generate``'s set-up): the
+    difference is the cost of the ``new_tokens - 1`` tokens decoded one by one after it.
+    Call it with the model and ``prompt`` on the CPU and the model in eval mode.
+    """
+    if new_tokens < 2:
+        raise ValueError(
+            f"new_tokens must be >= 2 (a difference of two timings), got {new_tokens}"
+        )
+
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        generate(model, prompt, count)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            timed(new_tokens), timed(1)
+        full, first = [], []
+        for _ in range(repeats):
+            full.append(timed(new_tokens))
+            first.append(timed(1))
+    decoding = statistics.median(full) - statistics.median(first)
+    return 1000 * decoding / (new_tokens - 1)
+
+
 def eager_cpu_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of ``model`` on the CPU in eval mode, uncompiled (``nn.Module.compile``
     keeps its compiled forward in ``_compiled_call_impl``; the report measures eager code,
@@ -142,28 +258,36 @@ def measure(
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 10,
     warmup: int = 2,
+    new_tokens: int = NEW_TOKENS,
 ) -> dict[str, int | float]:
-    """Parameters, MACs per image, weights file size and CPU latency of one model.
+    """Parameters, MACs per image, weights file size and CPU latency of one model (and, for
+    a language model, MACs and decoding latency per token).
 
     ``model`` itself is left as it was (device, dtype, train/eval mode): MACs and latency are
     measured on a float32 CPU copy in eval mode.
 
     Args:
         model: The network.
-        example_input: A batch of at least one image of the model's input shape; batches of
-            each size in ``batch_sizes`` repeat its first image.
+        example_input: A batch of at least one image of the model's input shape (or token
+            ids ``[B, L]`` of a language model); batches of each size in ``batch_sizes``
+            repeat its first one.
         weights_bytes: The weights file size when known (an existing ``teacher.pt``);
             ``None``: measured with :func:`weights_file_bytes`.
         batch_sizes: Batch sizes at which latency is timed.
         repeats: Timed runs per batch size (the median is reported).
         warmup: Untimed runs before timing.
+        new_tokens: Language models: tokens generated after the prompt when the latency per
+            token is timed (see :func:`cpu_latency_ms_per_token`).
 
     Returns:
         ``params``, ``macs_per_image``, ``weights_file_bytes`` and
-        ``cpu_latency_ms_batch<B>`` for each ``B`` in ``batch_sizes``.
+        ``cpu_latency_ms_batch<B>`` for each ``B`` in ``batch_sizes``; for token ids also
+        ``macs_per_token`` and ``cpu_latency_ms_per_token``.
     """
     options = {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup}
-    return _measure(model, example_input, weights_bytes=weights_bytes, **options)[0]
+    return _measure(
+        model, example_input, weights_bytes=weights_bytes, new_tokens=new_tokens, **options
+    )[0]
 
 
 def _measure(
@@ -174,22 +298,33 @@ def _measure(
     batch_sizes: Sequence[int],
     repeats: int,
     warmup: int,
+    new_tokens: int = NEW_TOKENS,
 ) -> tuple[dict[str, int | float], list[str]]:
     """:func:`measure`, and the operators its MAC count could not count."""
     if weights_bytes is None:
         weights_bytes = weights_file_bytes(model)
     cpu_model = eager_cpu_copy(model)
-    image = example_input[:1].detach().to("cpu", torch.float32)
+    image = example_input[:1].detach().to("cpu")
+    image = image.float() if image.is_floating_point() else image  # token ids stay integers
     macs, uncounted = count_macs_and_uncounted(cpu_model, image)
     result: dict[str, int | float] = {
         "params": count_parameters(model),
         "macs_per_image": macs,
-        "weights_file_bytes": int(weights_bytes),
     }
+    tokens = is_token_input(image)
+    if tokens:  # a language model: per sequence of L tokens, and per token
+        length = image.shape[1]
+        result["macs_per_token"] = macs // length if macs % length == 0 else macs / length
+    result["weights_file_bytes"] = int(weights_bytes)
     for batch_size in batch_sizes:
         images = image.expand(batch_size, *image.shape[1:]).contiguous()
         latency = cpu_latency_ms(cpu_model, images, repeats, warmup)
         result[f"cpu_latency_ms_batch{batch_size}"] = round(latency, 4)
+    if tokens:
+        prompt_length, new = generation_lengths(cpu_model, image.shape[1], new_tokens)
+        prompt = image[:, :prompt_length]
+        latency = cpu_latency_ms_per_token(cpu_model, prompt, new, repeats, warmup)
+        result["cpu_latency_ms_per_token"] = round(latency, 4)
     return result, uncounted
 
 
@@ -203,15 +338,18 @@ def compression_report(
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 10,
     warmup: int = 2,
+    new_tokens: int = NEW_TOKENS,
 ) -> dict:
     """Teacher and student side by side: size, compute and CPU speed, and their ratios.
 
     Args:
-        student: The distilled network: a classifier, segmenter, regressor or torchvision
-            detector (whose eval-mode forward takes the batch of images).
+        student: The distilled network: a classifier, segmenter, regressor, torchvision
+            detector (whose eval-mode forward takes the batch of images) or causal language
+            model (:mod:`distill_zoo.models.language`).
         teacher: Its teacher, or ``None`` (a run without one: no teacher column, no ratios).
         example_input: A batch of at least one input of the data's shape, e.g.
-            ``(2, C, H, W)`` zeros (``build.example_input``), or ``(2, F)`` tabular rows.
+            ``(2, C, H, W)`` zeros (``build.example_input``), ``(2, F)`` tabular rows, or
+            ``(2, L)`` integer token ids of a language model.
         student_weights_bytes: Size of the student's weights file when one exists;
             ``None``: measured by saving its state dict to a temporary file.
         teacher_weights_bytes: The same for the teacher (e.g. the size of a ``teacher.pt``).
@@ -219,6 +357,9 @@ def compression_report(
         repeats: Timed runs per batch size; the median is reported. 3 with ``warmup=1`` is
             enough for a glance at the end of every run; 20 or more for figures to publish.
         warmup: Untimed runs before timing (allocator and oneDNN set-up).
+        new_tokens: Language models: tokens generated after a prompt of ``L // 2`` tokens
+            when the latency per token is timed (fewer where the model reads fewer
+            positions); at least 2.
 
     Returns:
         A JSON-ready dict: ``student`` and ``teacher`` (``None`` without one), each with
@@ -227,7 +368,10 @@ def compression_report(
         (``None`` without a teacher); and how it was measured (``input_shape`` of one input,
         ``torch_threads``, ``repeats``, ``warmup``, ``batch_sizes``, ``note``). Where a
         model ran operators the MAC counter does not know (a detector's RoIAlign and NMS),
-        ``uncounted_ops`` lists them per model and the note says the MACs are partial.
+        ``uncounted_ops`` lists them per model and the note says the MACs are partial. For
+        token ids (a language model) each model also has ``macs_per_token`` and
+        ``cpu_latency_ms_per_token``, ``generation`` says how decoding was timed
+        (``prompt_tokens``, ``new_tokens``, ``decoding``) and the note explains the rows.
 
     Raises:
         ValueError: For an empty ``example_input``, ``repeats < 1``, ``warmup < 0`` or a
@@ -242,7 +386,23 @@ def compression_report(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    options = {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup}
+    generation = None
+    if is_token_input(example_input):  # the same lengths time both (within both's limits)
+        length = example_input.shape[1]
+        prompt, new_tokens = generation_lengths(student, length, new_tokens)
+        if teacher is not None:
+            new_tokens = generation_lengths(teacher, length, new_tokens)[1]
+        generation = {
+            "prompt_tokens": prompt,
+            "new_tokens": new_tokens,
+            "decoding": "greedy, batch 1, key/value cache",
+        }
+    options = {
+        "batch_sizes": batch_sizes,
+        "repeats": repeats,
+        "warmup": warmup,
+        "new_tokens": new_tokens,
+    }
     student_row, student_uncounted = _measure(
         student, example_input, weights_bytes=student_weights_bytes, **options
     )
@@ -262,9 +422,12 @@ def compression_report(
         "warmup": warmup,
         "note": MACS_NOTE,
     }
+    if generation is not None:
+        report["generation"] = generation
+        report["note"] += TOKENS_NOTE
     if student_uncounted or teacher_uncounted:
         report["uncounted_ops"] = {"student": student_uncounted, "teacher": teacher_uncounted}
-        report["note"] = MACS_NOTE + PARTIAL_MACS_NOTE
+        report["note"] += PARTIAL_MACS_NOTE
     return report
 
 
@@ -280,6 +443,8 @@ ROW_LABELS = {
     "params": "parameters",
     "macs_per_image": "MACs per image",
     "weights_file_bytes": "weights file",
+    "macs_per_token": "MACs per token",
+    "cpu_latency_ms_per_token": "CPU latency per token",
 }
 
 
@@ -288,8 +453,11 @@ def format_report(report: dict) -> str:
     student, teacher = report["student"], report["teacher"]
     ratio = report["teacher_over_student"]
     shape = report.get("input_shape")
+    tokens = "macs_per_token" in student  # a language model: per sequence and per token
     where = ""
-    if shape:
+    if shape and tokens:
+        where = f" for a sequence of {shape[0]} tokens"
+    elif shape:
         where = f" for input {shape[0]} values" if len(shape) == 1 else ""
         where = where or f" for input {'x'.join(map(str, shape))}"
     lines = [
@@ -299,6 +467,7 @@ def format_report(report: dict) -> str:
         f"{'':<22}{'teacher':>14}{'student':>14}{'teacher/student':>18}",
     ]
     per = "sample" if shape is not None and len(shape) == 1 else "image"
+    per = "sequence" if tokens else per
     for key in student:
         label = ROW_LABELS.get(key) or key.replace("cpu_latency_ms_batch", "CPU latency batch ")
         if key == "macs_per_image":
@@ -315,6 +484,14 @@ def format_report(report: dict) -> str:
         lines.append(
             "MACs are partial: torch.utils.flop_counter does not count these operators, which "
             f"ran ({'; '.join(named)})"
+        )
+    generation = report.get("generation")
+    if tokens and generation:
+        prompt, new = generation["prompt_tokens"], generation["new_tokens"]
+        lines.append(
+            f"MACs per token = MACs per sequence / {shape[0] if shape else 'L'}; CPU latency "
+            f"per token: greedy decoding at batch 1 with the key/value cache after a prompt of "
+            f"{prompt} tokens, (t({new} new tokens) - t(1)) / {new - 1}"
         )
     return "\n".join(lines)
 
@@ -354,9 +531,11 @@ def report_run(
     checkpoint = export.read_run_checkpoint(checkpoint_path)
     student = export.load_student(cfg, checkpoint_path, data, loaded=checkpoint)
     teacher = export.load_teacher(cfg, checkpoint_path, data, loaded=checkpoint)
-    report = compression_report(
-        student, teacher, export.first_test_images(data, 1), repeats=repeats, warmup=warmup
-    )
+    example = export.first_test_images(data, 1)  # as float
+    dtype = getattr(data, "input_dtype", torch.float32)
+    if not dtype.is_floating_point:  # token ids (exact in float32 below 2**24): back to ids
+        example = example.to(dtype)
+    report = compression_report(student, teacher, example, repeats=repeats, warmup=warmup)
     return report, run_dir
 
 
