@@ -130,10 +130,13 @@ class TextDataModule(InMemoryDenseDataModule):
     predictions.
 
     A fixed share ``test_fraction`` of the documents is the test split (seed 0, whatever the
-    run's seed); ``val_fraction`` of the rest is held out for validation with ``seed``. With
-    the defaults on ``pydoc_topics`` (79 documents, byte tokens) that is 63 / 8 / 8
-    documents. Batches: ``(inputs int64 [B, L], targets int64 [B, L], indices int64 [B])``
-    with ``targets[:, i] = inputs[:, i + 1]`` inside the block (training batches end with
+    run's seed); ``val_fraction`` of the rest is held out for validation with ``seed``. A text
+    that appears twice is kept once (two of the 79 pydoc topics, ``else`` and ``if``, share
+    one). With the defaults on ``pydoc_topics`` (78 distinct documents, byte tokens) that is
+    63 / 7 / 8 documents.
+
+    Batches: ``(inputs int64 [B, L], targets int64 [B, L], indices int64 [B])`` with
+    ``targets[:, i] = inputs[:, i + 1]`` inside the block (training batches end with
     augmentation keys of 0: text is not augmented). ``num_classes`` is the vocabulary size.
 
     Args:
@@ -225,7 +228,9 @@ class TextDataModule(InMemoryDenseDataModule):
         return read_documents(self.files, self.text_key)
 
     def make_splits(self) -> dict[str, Split]:
-        documents = [d for d in self._documents() if d.strip()]
+        # Each text once: pydoc_topics holds "else" and "if" as one text, which would otherwise
+        # sit in the test and the train split.
+        documents = list(dict.fromkeys(d for d in self._documents() if d.strip()))
         if len(documents) < 3:
             raise ValueError(
                 f"the corpus has {len(documents)} non-empty documents: splitting by document "
@@ -233,7 +238,19 @@ class TextDataModule(InMemoryDenseDataModule):
                 "JSONL lines"
             )
         ids = np.arange(len(documents))  # unique labels: uniform, not stratified
+        count = len(documents)
+        if not 0 < round(self.test_fraction * count) < count:
+            raise ValueError(
+                f"data.test_fraction={self.test_fraction} of {count} documents leaves the test "
+                "split or the rest empty: change data.test_fraction or give more documents"
+            )
         pool, test = split_indices(ids, self.test_fraction, TEST_SEED)
+        if not 0 < round(self.val_fraction * len(pool)) < len(pool):
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} of the {len(pool)} non-test documents "
+                "leaves the val or the train split empty: change data.val_fraction or give more "
+                "documents"
+            )
         train, val = split_indices(ids[pool], self.val_fraction, self.seed)
         positions = {"train": pool[train], "val": pool[val], "test": test}
         end = self.tokenizer.end_of_document

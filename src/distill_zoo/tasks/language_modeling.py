@@ -145,21 +145,24 @@ class LanguageModelingTask(Task):
     ) -> list[str]:
         counted = targets != IGNORE_INDEX
         flat = targets.reshape(-1)
-        student_ids = self._ids(student)
+        student_ids = self._ids(student, flat)
         metrics["perplexity"].update(student.float(), targets)
         metrics["acc"].update(student_ids, flat)
         if teacher is None:
             return ["perplexity", "acc"]
-        teacher_ids = self._ids(teacher)
+        teacher_ids = self._ids(teacher, flat)
         metrics["teacher_perplexity"].update(teacher.float(), targets)
         metrics["teacher_acc"].update(teacher_ids, flat)
         agreed = torch.where(counted.reshape(-1), teacher_ids, IGNORE_INDEX)
         metrics["agreement"].update(student_ids, agreed)
         return ["perplexity", "acc", "teacher_perplexity", "teacher_acc", "agreement"]
 
-    def _ids(self, logits: Tensor) -> Tensor:
-        # Ids past the data's vocabulary (a model's padded embedding table) count as wrong.
-        return logits.argmax(-1).reshape(-1).clamp(max=max(self.num_classes - 1, 0))
+    def _ids(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Top-1 ids, those past the data's vocabulary (a model's padded embedding table)
+        replaced by a valid id other than the target: they count as wrong."""
+        ids = logits.argmax(-1).reshape(-1)
+        wrong = (targets.clamp(min=0) + 1) % max(self.num_classes, 1)
+        return torch.where(ids < self.num_classes, ids, wrong)
 
     def eval_loss(self, student: Tensor, targets: Tensor) -> Tensor:
         return token_cross_entropy(student, targets, IGNORE_INDEX, chunk_size=self.chunk_size)
