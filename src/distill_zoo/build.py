@@ -125,6 +125,11 @@ def check_ensemble_use(teacher: nn.Module | None, distiller: nn.Module) -> None:
     fail; an ensemble averages at the distiller's temperature."""
     if not isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
         return
+    if distiller.context.task == "language_modeling":
+        raise ValueError(
+            "an ensemble or route teacher (teacher.ckpt=[...], teacher.members) averages class "
+            "predictions; task=language_modeling takes one teacher: give teacher.ckpt=<file>"
+        )
     teacher_layers = distiller.layers()[1]
     if teacher_layers:
         raise ValueError(
