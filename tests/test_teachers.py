@@ -74,3 +74,19 @@ def test_mismatched_architecture_lists_keys_and_shapes(tmp_path):
 def test_non_state_dict_is_rejected():
     with pytest.raises(ValueError, match="no state dict"):
         extract_state_dict({"epoch": 3})
+
+
+def test_teachers_on_demand_train_for_teacher_epochs_when_set() -> None:
+    from distill_zoo.config import compose
+    from distill_zoo.teachers.store import teacher_key, teacher_training_config
+
+    cfg = compose(["epochs=3"])
+    same = teacher_training_config(cfg)
+    longer = teacher_training_config(compose(["epochs=3", "teacher_epochs=8"]))
+    assert same.epochs == 3 and longer.epochs == 8
+    assert longer.sched.T_max == 8  # the schedule follows the teacher's epochs
+    assert teacher_key(same) != teacher_key(longer)
+    # The student's epochs do not change a teacher that has its own.
+    assert teacher_key(longer) == teacher_key(
+        teacher_training_config(compose(["epochs=5", "teacher_epochs=8"]))
+    )

@@ -42,6 +42,8 @@ def teacher_training_config(cfg: DictConfig) -> DictConfig:
         teacher={},
         distiller={"_target_": "distill_zoo.distillers.CrossEntropyOnly"},
         seed=cfg.teacher_seed,
+        # Teachers usually train longer than their students; null: the students' epochs.
+        epochs=cfg.get("teacher_epochs") or cfg.epochs,
         resume=True,
         ckpt_path=None,
         init_from=None,
