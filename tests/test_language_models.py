@@ -543,3 +543,18 @@ def test_lm_pretrained_config_builds_from_a_saved_folder(tmp_path):
         assert type(model).__name__ == "LlamaForCausalLM" and count(model) == 12336
         with torch.no_grad():
             assert torch.allclose(lm_logits(model, ids), lm_logits(saved, ids), atol=1e-6)
+
+
+def test_perplexity_stays_finite_where_a_softmax_underflows() -> None:
+    # 100 positions of logits [120, 0, 0, 0]: 99 with target 0 (NLL = log(1 + 3 e^-120) ~ 0),
+    # one with target 1, whose float32 softmax e^-120 / (1 + 3 e^-120) underflows to 0, so a
+    # log of the softmax would make the mean -inf; its NLL is 120 + log(1 + 3 e^-120) ~ 120.
+    # Mean NLL 120 / 100 = 1.2: perplexity e^1.2.
+    from distill_zoo.tasks.language_modeling import TokenPerplexity
+
+    logits = torch.tensor([120.0, 0.0, 0.0, 0.0]).expand(1, 100, 4)
+    targets = torch.zeros(1, 100, dtype=torch.long)
+    targets[0, 7] = 1
+    metric = TokenPerplexity()
+    metric.update(logits, targets)
+    assert metric.compute().item() == pytest.approx(math.exp(1.2), rel=1e-5)

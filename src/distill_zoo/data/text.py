@@ -20,14 +20,13 @@ from torch import Tensor
 from distill_zoo.data.augment import CropFlip
 from distill_zoo.data.base import split_indices
 from distill_zoo.data.dense_device import InMemoryDenseDataModule, Split
+from distill_zoo.losses.language import IGNORE_INDEX
 
 SOURCES = ("pydoc_topics", "files")
 BYTE_VOCABULARY = 256
 END_OF_DOCUMENT_BYTE = 0
 """Closes every document in byte-level text (the reference text holds no NUL byte)."""
 TEST_SEED = 0  # the test documents are fixed, like an official split, whatever the run's seed
-IGNORE_INDEX = -100
-"""Target of a position that does not count (a prompt, padding): as Hugging Face's labels."""
 
 
 def pydoc_topics() -> list[str]:
@@ -157,6 +156,7 @@ class TextDataModule(InMemoryDenseDataModule):
     """
 
     task = "language_modeling"
+    ignore_index = IGNORE_INDEX
     image_size = None
     in_channels = 0
     input_dtype = torch.int64

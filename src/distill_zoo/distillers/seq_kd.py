@@ -8,10 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.losses.language import token_cross_entropy
+from distill_zoo.losses.language import IGNORE_INDEX, token_cross_entropy
 from distill_zoo.models.language import generate, lm_logits
 
-IGNORE_INDEX = -100
 GENERATION_BATCH = 256
 """Prompts per batch when the teacher writes the cache."""
 
@@ -134,5 +133,8 @@ class SequenceKD(Distiller):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out) if out.student_logits is not None else {}
         logits, targets = out.student_outputs["logits"], out.student_outputs["targets"]
-        terms["kd"] = self.kd_weight * token_cross_entropy(logits, targets, IGNORE_INDEX)
+        chunk_size = getattr(out.task, "chunk_size", None)  # the task's, for its own CE too
+        terms["kd"] = self.kd_weight * token_cross_entropy(
+            logits, targets, IGNORE_INDEX, chunk_size
+        )
         return terms

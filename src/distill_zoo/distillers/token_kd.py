@@ -11,11 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
-from distill_zoo.losses.language import DIVERGENCES, TopKLogProbs, teacher_topk, token_divergence
+from distill_zoo.losses.language import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    TopKLogProbs,
+    teacher_topk,
+    token_divergence,
+)
 from distill_zoo.models.language import generate, lm_logits
 from distill_zoo.teachers.topk_cache import TopKCache
-
-IGNORE_INDEX = -100
 
 
 class TokenKD(Distiller):

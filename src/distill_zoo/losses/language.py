@@ -41,6 +41,9 @@ from torch.utils.checkpoint import checkpoint
 
 from distill_zoo.losses.common import LOW_PRECISION, check_temperature
 
+IGNORE_INDEX = -100
+"""Target of a position that does not count (a prompt, padding), as Hugging Face's labels."""
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 """Names accepted by :func:`token_divergence`'s ``divergence``."""
 
@@ -249,7 +252,7 @@ def token_divergence(
 def token_cross_entropy(
     logits: Tensor,
     targets: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> Tensor:
     """Mean next-token cross-entropy over the positions whose target is not ``ignore_index``.

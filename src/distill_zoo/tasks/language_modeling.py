@@ -8,18 +8,40 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import Perplexity
 
-from distill_zoo.losses.language import token_cross_entropy
+from distill_zoo.losses.language import IGNORE_INDEX, token_cross_entropy
 from distill_zoo.models.language import generate, lm_logits
 from distill_zoo.tasks.base import Monitor, StepOutputs, Task
 
-IGNORE_INDEX = -100
-"""Target of a position that does not count (a prompt, padding), as Hugging Face's labels."""
-
 SAMPLES_FILE = "samples.json"
+
+
+class TokenPerplexity(Metric):
+    """``exp`` of the mean next-token cross-entropy over all counted positions of all batches
+    (and processes). torchmetrics' ``Perplexity`` takes the log of a softmax, which underflows
+    to ``inf`` for a target far below the top logit, and keeps fp32 ``[B, L, V]`` copies;
+    this sums :func:`~distill_zoo.losses.language.token_cross_entropy` (log-softmax, in chunks
+    of ``chunk_size`` positions) instead."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.add_state("nll", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        counted = (targets != IGNORE_INDEX).sum()
+        mean = token_cross_entropy(logits, targets, IGNORE_INDEX, chunk_size=self.chunk_size)
+        self.nll += mean.double() * counted
+        self.count += counted
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.count.clamp_min(1)).float()
 
 
 class LanguageModelingTask(Task):
@@ -29,7 +51,7 @@ class LanguageModelingTask(Task):
 
     Loss ``ce``: the mean next-token cross-entropy over counted positions, computed in chunks
     of ``chunk_size`` positions (:func:`~distill_zoo.losses.language.token_cross_entropy`).
-    Metrics: ``perplexity`` (exp of the mean cross-entropy, torchmetrics' ``Perplexity``)
+    Metrics: ``perplexity`` (exp of the mean cross-entropy, :class:`TokenPerplexity`)
     and ``acc`` (next-token accuracy) of student and teacher, and ``agreement``: the share of
     counted positions where student and teacher rank the same token first. A logit method
     sees one row per position (``logit_rows``).
@@ -132,9 +154,9 @@ class LanguageModelingTask(Task):
             )
 
         parts = {
-            "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
+            "perplexity": TokenPerplexity(self.chunk_size),
             "acc": accuracy(),
-            "teacher_perplexity": Perplexity(ignore_index=IGNORE_INDEX),
+            "teacher_perplexity": TokenPerplexity(self.chunk_size),
             "teacher_acc": accuracy(),
             "agreement": accuracy(),
         }
@@ -146,12 +168,12 @@ class LanguageModelingTask(Task):
         counted = targets != IGNORE_INDEX
         flat = targets.reshape(-1)
         student_ids = self._ids(student, flat)
-        metrics["perplexity"].update(student.float(), targets)
+        metrics["perplexity"].update(student, targets)
         metrics["acc"].update(student_ids, flat)
         if teacher is None:
             return ["perplexity", "acc"]
         teacher_ids = self._ids(teacher, flat)
-        metrics["teacher_perplexity"].update(teacher.float(), targets)
+        metrics["teacher_perplexity"].update(teacher, targets)
         metrics["teacher_acc"].update(teacher_ids, flat)
         agreed = torch.where(counted.reshape(-1), teacher_ids, IGNORE_INDEX)
         metrics["agreement"].update(student_ids, agreed)
