@@ -70,7 +70,9 @@ def test_each_config_is_its_papers_divergence(name) -> None:
     node = compose(["task=language_modeling", f"distiller={name}"]).distiller
     assert node.divergence == CONFIG_DIVERGENCES[name]
     assert node.lmbda == (0.5 if name == "gkd" else 0.0)  # GKD's on-policy share
-    assert node.alpha == 0.1 and node.beta == 0.5  # DistiLLM's skew, GKD's JSD midpoint
+    # DistiLLM's skew, GKD's JSD midpoint, each only where its divergence reads it.
+    assert node.alpha == (0.1 if name.startswith("skew") else None)
+    assert node.beta == (0.5 if name == "gkd" else None)
 
 
 @pytest.mark.parametrize("divergence", sorted(set(CONFIG_DIVERGENCES.values())))
@@ -216,6 +218,20 @@ def test_hidden_state_hints_map_the_student_width_linearly(models) -> None:
     assert isinstance(distiller.regressor, torch.nn.Linear)
     assert (distiller.regressor.in_features, distiller.regressor.out_features) == (16, 32)
     assert distiller.layers() == (["transformer.h.0"], ["model.layers.1"])
+
+
+def test_knobs_the_run_would_not_read_are_refused(models) -> None:
+    student, teacher = models
+    with pytest.raises(ValueError, match=r"distiller.alpha would be ignored"):
+        TokenKD(student, teacher, context=context(), divergence="forward_kl", alpha=0.3)
+    with pytest.raises(ValueError, match=r"distiller.beta would be ignored"):
+        TokenKD(student, teacher, context=context(), divergence="skew_kl", beta=0.3)
+    with pytest.raises(ValueError, match=r"prompt_length, distiller.sampling_temperature"):
+        TokenKD(student, teacher, context=context(), prompt_length=2, sampling_temperature=0.7)
+    with pytest.raises(ValueError, match="lmbda=1 makes every step on-policy"):
+        TokenKD(student, teacher, context=context(), lmbda=1.0, topk=4)
+    with pytest.raises(ValueError, match="topk=17 exceeds the vocabulary of 16"):
+        TokenKD(student, teacher, context=context(), topk=17)
 
 
 def test_token_methods_refuse_other_tasks(models) -> None:

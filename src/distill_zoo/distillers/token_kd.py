@@ -29,8 +29,10 @@ class TokenKD(Distiller):
 
     - ``forward_kl``: KL(p_T || q_S), Hinton et al. (NIPS-W 2014,
       https://arxiv.org/abs/1503.02531) applied at every position (``distiller=token_kd``);
-    - ``reverse_kl``: KL(q_S || p_T), the token-level objective of MiniLLM (Gu et al., ICLR
-      2024, https://arxiv.org/abs/2306.08543; ``distiller=reverse_kl``);
+    - ``reverse_kl``: KL(q_S || p_T), the divergence MiniLLM minimises (Gu et al., ICLR 2024,
+      https://arxiv.org/abs/2306.08543; ``distiller=reverse_kl``), here per token on the data
+      (MiniLLM optimises it by policy gradient on the student's own samples: ``lmbda=1`` puts
+      every step on them, without the policy gradient);
     - ``skew_kl`` / ``skew_reverse_kl``: KL(p || a p + (1-a) q) and KL(q || (1-a) p + a q) of
       DistiLLM (Ko et al., ICML 2024, https://arxiv.org/abs/2402.03898), skew ``alpha``
       (``distiller=skew_kl``, ``distiller=skew_rkl``);
@@ -56,12 +58,13 @@ class TokenKD(Distiller):
         divergence: One of ``forward_kl``, ``reverse_kl``, ``skew_kl``, ``skew_reverse_kl``,
             ``jsd``.
         temperature: Softmax temperature ``T`` of both distributions.
-        alpha: DistiLLM's skew (``skew_kl``, ``skew_reverse_kl``); their default 0.1.
-        beta: GKD's JSD interpolation (``jsd``).
+        alpha: DistiLLM's skew (``skew_kl``, ``skew_reverse_kl`` only); ``None``: their 0.1.
+        beta: GKD's JSD interpolation (``jsd`` only); ``None``: 0.5.
         kd_weight: Weight of the divergence.
         ce_weight: Weight of the next-token cross-entropy with the data.
         lmbda: Share of steps on student-generated sequences (GKD's lambda; 0: off-policy).
-        sampling_temperature: Temperature of the student's sampling on on-policy steps.
+        sampling_temperature: Temperature of the student's sampling on on-policy steps
+            (``lmbda > 0`` only); ``None``: 1.
         prompt_length: Tokens of each sequence kept as the prompt of on-policy generation;
             ``None``: half the sequence.
         chunk_size: Positions per chunk of the divergence; ``None``: all at once.
@@ -81,12 +84,12 @@ class TokenKD(Distiller):
         context: DistillContext | None = None,
         divergence: str = "forward_kl",
         temperature: float = 1.0,
-        alpha: float = 0.1,
-        beta: float = 0.5,
+        alpha: float | None = None,
+        beta: float | None = None,
         kd_weight: float = 0.5,
         ce_weight: float = 0.5,
         lmbda: float = 0.0,
-        sampling_temperature: float = 1.0,
+        sampling_temperature: float | None = None,
         prompt_length: int | None = None,
         chunk_size: int | None = None,
         topk: int | None = None,
@@ -101,22 +104,49 @@ class TokenKD(Distiller):
         )
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
+        # A knob the run would not read is an error, not a silent no-op.
+        unread = [
+            name
+            for name, value, read in (
+                ("alpha", alpha, divergence.startswith("skew")),
+                ("beta", beta, divergence == "jsd"),
+                ("prompt_length", prompt_length, lmbda > 0),
+                ("sampling_temperature", sampling_temperature, lmbda > 0),
+            )
+            if value is not None and not read
+        ]
+        if unread:
+            raise ValueError(
+                f"distiller.{', distiller.'.join(unread)} would be ignored with "
+                f"divergence={divergence}, lmbda={lmbda} (alpha: skew_* only; beta: jsd only; "
+                "prompt_length, sampling_temperature: on-policy steps, lmbda > 0): leave it null"
+            )
+        alpha = 0.1 if alpha is None else alpha
+        beta = 0.5 if beta is None else beta
+        sampling_temperature = 1.0 if sampling_temperature is None else sampling_temperature
         for name, value in (("alpha", alpha), ("beta", beta), ("lmbda", lmbda)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if sampling_temperature <= 0:
             raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
-        length = (
-            int(self.context.example_input.shape[-1])
-            if self.context.example_input is not None
-            else 0
-        )
+        example = self.context.example_input
+        length = int(example.shape[-1]) if example is not None else 0
         self.prompt_length = prompt_length if prompt_length is not None else max(length // 2, 1)
         if lmbda and not 1 <= self.prompt_length < max(length, 2):
             raise ValueError(
                 f"prompt_length={self.prompt_length} must leave room to generate in sequences of "
                 f"{length} tokens: choose 1 <= prompt_length < {length}"
             )
+        if topk is not None and lmbda == 1:
+            raise ValueError(
+                "distiller.topk caches the teacher on the data, but lmbda=1 makes every step "
+                "on-policy (the teacher scores the student's samples): set topk=null or lmbda < 1"
+            )
+        vocabulary = self.context.num_classes
+        if topk is not None and vocabulary and topk > vocabulary:
+            raise ValueError(f"topk={topk} exceeds the vocabulary of {vocabulary} tokens")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or null, got {chunk_size}")
         if topk is not None and topk < 1:
             raise ValueError(f"topk must be >= 1 or null, got {topk}")
         self.divergence = divergence
