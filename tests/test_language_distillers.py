@@ -6,8 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
 from distill_zoo import train
+from distill_zoo.build import build_model
 from distill_zoo.config import compose
 from distill_zoo.distillers import DistillContext, StepOutputs
 from distill_zoo.distillers.fitnets import FitNets
@@ -308,3 +311,30 @@ def test_a_resumed_language_run_ends_where_an_uninterrupted_one_does(
     assert resumed["test_perplexity_last"] == full["test_perplexity_last"]
     first, second = (student_weights(m["last_checkpoint"]) for m in (full, resumed))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_combo_holds_token_kd_with_hidden_states_but_not_steps_that_replace_the_batch() -> None:
+    base = ["task=language_modeling", "student=lm_gpt2_1x128", "student.width=32"]
+    base += ["student.heads=2", "teacher=lm_gpt2_2x128", "teacher.width=64", "teacher.heads=2"]
+    base += ["teacher.ckpt=null", "data.block_size=16", "distiller=combo"]
+
+    def build(parts: str, *more: str):
+        cfg = compose([*base, f"distiller.parts={parts}", *more])
+        student, teacher = build_model(cfg.student, 256, 0), build_model(cfg.teacher, 256, 0)
+        ctx = DistillContext(
+            task="language_modeling",
+            student_stages=student.feature_layers,
+            teacher_stages=teacher.feature_layers,
+            example_input=torch.zeros(2, 16, dtype=torch.long),
+            num_classes=256,
+            num_train_samples=4,
+        )
+        return instantiate(cfg.distiller, student=student, teacher=teacher, context=ctx)
+
+    assert set(build("[token_kd,hidden_kd]").parts) == {"token_kd", "hidden_kd"}
+    with pytest.raises(InstantiationException, match="cannot hold gkd: its on-policy steps"):
+        build("[gkd,hidden_kd]")
+    with pytest.raises(InstantiationException, match="cannot hold seq_kd: the student learns"):
+        build("[seq_kd]")
+    with pytest.raises(InstantiationException, match="cannot hold token_kd: its top-k cache"):
+        build("[token_kd,hidden_kd]", "+distiller.part_overrides.token_kd.topk=4")

@@ -148,6 +148,11 @@ class Distiller(nn.Module):
         :attr:`teacher_after_student` is set."""
         raise NotImplementedError
 
+    def runs_alone_because(self) -> str | None:
+        """Why this method cannot share a step with others in ``distiller=combo`` (it trains
+        the student on other inputs than the batch's, or skips the teacher), or ``None``."""
+        return None
+
     def adversary(self) -> nn.Module | None:
         """A part trained AGAINST the student (a GAN discriminator), or ``None``. It is kept
         out of the student's optimizer: the module gives it :meth:`adversary_optimizer` and

@@ -60,6 +60,12 @@ class Combo(Distiller):
         for name in parts:
             cfg = load_part_config(name, {**overrides.get(name, {}), "ce_weight": 0.0})
             self.parts[name] = instantiate(cfg, student=student, teacher=teacher, context=context)
+        for name, part in self.parts.items():
+            reason = part.runs_alone_because()
+            if reason:
+                raise ValueError(
+                    f"distiller=combo cannot hold {name}: {reason}. Run distiller={name} alone"
+                )
         # A part that changes how the step runs (its own student pass, a teacher pass after
         # the student's, an adversary) lends that to the whole; two such parts cannot share it.
         # Names, not modules: a second attribute holding a part would save its weights twice.

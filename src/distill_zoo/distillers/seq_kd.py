@@ -81,6 +81,9 @@ class SequenceKD(Distiller):
         """The cache: every process writes the same continuations."""
         return ["sequences"]
 
+    def runs_alone_because(self) -> str | None:
+        return "the student learns from the teacher's text, not from the batch"
+
     def _continue(self, teacher: nn.Module, prompts: Tensor) -> Tensor:
         new_tokens = self.length + 1 - self.prompt_length
         return generate(teacher, prompts, new_tokens, num_beams=self.num_beams)

@@ -166,6 +166,13 @@ class TokenKD(Distiller):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.seed = torch.initial_seed()
 
+    def runs_alone_because(self) -> str | None:
+        if self.lmbda:
+            return "its on-policy steps train on the student's samples, not on the batch"
+        if self.cache is not None:
+            return "its top-k cache skips the teacher, whose features other parts would read"
+        return None
+
     def _on_policy_now(self) -> bool:
         if not self.lmbda:
             return False
