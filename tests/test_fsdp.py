@@ -32,10 +32,27 @@ def test_the_fsdp_config_builds_lightnings_strategy() -> None:
     strategy = fsdp_strategy(**{k: v for k, v in cfg.trainer.strategy.items() if k[0] != "_"})
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"]  # frozen teacher and student in one unit
+    # bf16-mixed: bf16 weights, fp32 gradient reduction, buffers (a top-k cache) untouched.
+    mixed = strategy.mixed_precision
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert (mixed.param_dtype, mixed.reduce_dtype, mixed.buffer_dtype) == (
+        torch.bfloat16,
+        torch.float32,
+        None,
+    )
     with pytest.raises(ValueError, match="sharding_strategy='FULL' is not one of"):
         fsdp_strategy(sharding_strategy="FULL")
     with pytest.raises(ValueError, match="block_classes is empty"):
         fsdp_strategy(block_classes=[])
+
+
+def test_a_misspelt_block_class_fails_before_anything_is_sharded() -> None:
+    strategy = fsdp_strategy(block_classes=["GPT2block"])
+    module = torch.nn.Module()
+    module.student = causal_lm(64, family="gpt2", layers=1, width=16, heads=2)
+    strategy._lightning_module = module
+    with pytest.raises(ValueError, match="names no module.*Their block classes: GPT2Block"):
+        strategy.setup(trainer=None)
 
 
 @pytest.mark.gpu

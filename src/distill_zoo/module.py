@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -254,6 +255,12 @@ class DistillationModule(L.LightningModule):
             model.require_forward_param_sync = True
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.teacher_dtype is not None:
+            raise ValueError(
+                "speed.teacher_bf16=true under trainer=fsdp: FSDP keeps the teacher's and the "
+                "student's top-level weights in one unit of one dtype, and its bf16-mixed "
+                "precision runs the teacher in bf16 already: set speed.teacher_bf16=false"
+            )
         # Here, not in on_fit_start: the process group exists, but DDP has not wrapped the
         # student yet (its own shape check would fail first, with a cryptic message).
         if stage == "fit" and self.student_pruned and self.trainer.world_size > 1:

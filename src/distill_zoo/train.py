@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from distill_zoo.build import (
     build_model,
     build_run,
+    build_teacher,
     count_parameters,
     example_input,
     quant_spec,
 )
 from distill_zoo.engine import launch, speed
+from distill_zoo.engine.fsdp import is_sharded
 from distill_zoo.module import PRUNING_REPORT_KEY, DistillationModule
 from distill_zoo.shipping import compression
 from distill_zoo.tasks import Monitor, Task
@@ -285,16 +287,28 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
     }
     if trainer.is_global_zero:
         # The student holds the best checkpoint's weights after the last test.
+        student, teacher = module.student, module.teacher
+        if is_sharded(trainer):
+            # Sharded models run only in steps all processes take: this process measures and
+            # samples whole copies, from the best checkpoint (a full state dict) and the
+            # teacher's own file.
+            student = build_model(cfg.student, datamodule.num_classes, datamodule.in_channels)
+            load_weights(student, best_path)
+            teacher = build_teacher(
+                cfg, datamodule.num_classes, datamodule.in_channels, train_teacher
+            )
+            metrics["student_params"] = count_parameters(student)
+            metrics["teacher_params"] = count_parameters(teacher)
         if cfg.get("report_compression", True):
             metrics[compression.METRICS_KEY] = compression.compression_report(
-                module.student, module.teacher, example_input(datamodule), repeats=5, warmup=1
+                student, teacher, example_input(datamodule), repeats=5, warmup=1
             )
             log.info("compression:\n%s", compression.format_report(metrics["compression"]))
             if module.pruning_report is not None:
                 metrics[PRUNING_REPORT_KEY] = pruning_latency(
                     cfg, module, datamodule, metrics[compression.METRICS_KEY]["student"]
                 )
-        samples = module.task.write_samples(run_dir, module.student, module.teacher, datamodule)
+        samples = module.task.write_samples(run_dir, student, teacher, datamodule)
         if samples is not None:
             log.info("samples (greedy, %s): %s", SAMPLES_NOTE, json.dumps(samples))
         quant = quant_spec(cfg)

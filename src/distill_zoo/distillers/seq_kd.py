@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.engine.fsdp import is_sharded
 from distill_zoo.losses.language import IGNORE_INDEX, token_cross_entropy
 from distill_zoo.models.language import generate, lm_logits
 
@@ -91,6 +92,11 @@ class SequenceKD(Distiller):
     def before_training(self, trainer: Any, teacher: Any) -> None:
         if not self.use_cache:
             return
+        if is_sharded(trainer):
+            raise ValueError(
+                "distiller.cache=true has the teacher write before training, outside the steps "
+                "in which FSDP gathers its shards: set distiller.cache=false under trainer=fsdp"
+            )
         module, datamodule = trainer.lightning_module, trainer.datamodule
         splits = getattr(datamodule, "splits", None)
         if not splits or "blocks" not in splits.get("train", {}):
