@@ -266,10 +266,11 @@ def test_missing_file_is_named(tmp_path):
         dm.setup()
 
 
-def test_source_files_without_files_fails():
+def test_source_files_without_files_fails_at_setup():
     for files in (None, []):
+        dm = TextDataModule(source="files", files=files)  # conf/data/text_files.yaml as is
         with pytest.raises(ValueError, match=re.escape("data.source=files needs data.files")):
-            TextDataModule(source="files", files=files)
+            dm.setup()
     with pytest.raises(ValueError, match="needs data.files"):
         read_documents([])
 

@@ -191,8 +191,6 @@ class TextDataModule(InMemoryDenseDataModule):
         )
         if source not in SOURCES:
             raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
-        if source == "files" and not files:
-            raise ValueError("data.source=files needs data.files=[<file>, ...] (txt or jsonl)")
         if source != "files" and files:
             raise ValueError(
                 f"data.files is set but data.source={source}: the files would be ignored; "
