@@ -263,7 +263,8 @@ def evaluation_batches(data, split: str = "test"):
 
 def first_inputs(data, count: int, split: str = "test"):
     """The first ``count`` inputs of ``data``'s ``split`` (all of them if it has fewer), as one
-    float tensor: images ``[N, C, H, W]``, or rows ``[N, F]`` of tabular data."""
+    tensor: float images ``[N, C, H, W]`` or rows ``[N, F]`` of tabular data, or the token ids
+    ``[N, L]`` of text data (``data.input_dtype``, kept as integers)."""
     import torch
 
     inputs = []
@@ -271,4 +272,5 @@ def first_inputs(data, count: int, split: str = "test"):
         inputs.append(batch[0])
         if sum(len(b) for b in inputs) >= count:
             break
-    return torch.cat(inputs)[:count].float()
+    dtype = getattr(data, "input_dtype", torch.float32)
+    return torch.cat(inputs)[:count].to(dtype)
