@@ -310,7 +310,10 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list | None = None) -> 
                 )
         samples = module.task.write_samples(run_dir, student, teacher, datamodule)
         if samples is not None:
-            log.info("samples (greedy, %s): %s", SAMPLES_NOTE, json.dumps(samples))
+            log.info(
+                "samples (greedy; the best checkpoint's student, the teacher; samples.json): %s",
+                json.dumps(samples),
+            )
         quant = quant_spec(cfg)
         if quant is not None:
             quantized = quant.report(module.student, datamodule)
@@ -365,7 +368,6 @@ def task_metrics(task: Task, best_score: float | None, best: dict, last: dict) -
 
 
 METRIC_TITLES = {"acc1": "top-1", "miou": "mIoU", "map": "mAP", "mae": "MAE"}
-SAMPLES_NOTE = "the best checkpoint's student and the teacher, written to samples.json"
 FRACTIONS = ("acc", "miou", "pixel_acc", "map", "agreement")
 
 
