@@ -193,6 +193,7 @@ def test_sequence_kd_caches_the_training_set_once(models) -> None:
     distiller = SequenceKD(student, teacher, context=context(), prompt_length=4, ce_weight=0)
     inputs, targets, indices, blocks = batch((4, 1))
     trainer = SimpleNamespace(
+        strategy=None,  # one process: not sharded
         lightning_module=SimpleNamespace(teacher=teacher, device=torch.device("cpu")),
         datamodule=SimpleNamespace(splits={"train": {"blocks": blocks}}),
     )
