@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,24 +95,38 @@ CPU_VARIANTS = [v for v in VARIANTS if v not in ("compile", "all")]
 
 @dataclass
 class Timing:
-    """Seconds spent per part over the timed steps, and the images they processed."""
+    """Seconds spent per part over the timed steps, and what they processed (images, or a
+    language model's tokens: ``scripts/benchmark_lm.py`` times with these pieces too)."""
 
-    images: int = 0
+    count: int = 0
     total: float = 0.0
     parts: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0})
 
     def throughput(self) -> float:
-        return self.images / self.total
+        return self.count / self.total
+
+    def share(self, part: str) -> float:
+        """Percent of the timed wall time spent in ``part`` (``student``: the rest)."""
+        seconds = self.total - sum(self.parts.values()) if part == "student" else self.parts[part]
+        return 100 * seconds / self.total
 
     def shares(self) -> str:
-        student = self.total - sum(self.parts.values())
-        shares = {**self.parts, "student": student}
-        return " ".join(f"{k} {100 * v / self.total:4.1f}%" for k, v in shares.items())
+        return " ".join(f"{k} {self.share(k):4.1f}%" for k in (*self.parts, "student"))
+
+
+def images_in(batch) -> int:
+    return batch[0].shape[0]
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """The time once ``device`` has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
 
 
 class TeacherClock:
@@ -138,8 +153,11 @@ class StepClock(L.Callback):
     """Times Lightning's training steps after ``warmup`` steps: total wall time between batch
     starts, and the data part (fetch, transfer, on-device augmentation)."""
 
-    def __init__(self, warmup: int, teacher_clock: TeacherClock | None) -> None:
+    def __init__(
+        self, warmup: int, teacher_clock: TeacherClock | None, count: Callable = images_in
+    ) -> None:
         self.warmup = warmup
+        self.count = count
         self.timing = Timing()
         self.teacher_clock = teacher_clock
         self._step = 0
@@ -161,7 +179,7 @@ class StepClock(L.Callback):
         now = time.perf_counter()
         if self._step >= self.warmup:
             self.timing.total += now - self._start
-            self.timing.images += batch[0].shape[0]
+            self.timing.count += self.count(batch)
         self._last_end = now
         self._step += 1
 
@@ -216,18 +234,18 @@ def time_ours(args, pair, teacher_ckpt, data_root, extra) -> Timing:
     return fit_timed(args, config(args, pair, teacher_ckpt, data_root, extra))
 
 
-def fit_timed(args, cfg) -> Timing:
+def fit_timed(args, cfg, count: Callable = images_in) -> Timing:
     """Our Lightning training step on the run ``cfg``, through ``Trainer.fit``, for
     ``args.warmup`` untimed and ``args.steps`` timed steps (after a first epoch that fills the
-    teacher cache, where there is one)."""
+    teacher cache, where there is one); ``count(batch)``: what a batch holds (images)."""
     L.seed_everything(0)
     datamodule, module = build(cfg)
     device = torch.device(args.device)
-    clock = StepClock(args.warmup, TeacherClock(module.teacher, device))
+    step_clock = StepClock(args.warmup, TeacherClock(module.teacher, device), count)
     warmup = args.warmup
     if module.teacher_cache is not None:  # steady state: after one epoch fills the cache
         warmup += len(datamodule.train_dataloader())
-        clock.warmup = warmup
+        step_clock.warmup = warmup
     trainer = L.Trainer(
         accelerator=args.device,
         devices=1,
@@ -239,10 +257,10 @@ def fit_timed(args, cfg) -> Timing:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[clock],
+        callbacks=[step_clock],
     )
     trainer.fit(module, datamodule=datamodule)
-    return clock.timing
+    return step_clock.timing
 
 
 def time_plain_loop(args, pair, teacher_ckpt, data_root) -> Timing:
@@ -305,7 +323,7 @@ def time_plain_loop(args, pair, teacher_ckpt, data_root) -> Timing:
         optimizer.step()
         sync(device)
         if step >= args.warmup:
-            timing.images += images.shape[0]
+            timing.count += images.shape[0]
             timing.total += time.perf_counter() - started
             timing.parts["data"] += fetched - started
             timing.parts["teacher"] += taught - fetched
@@ -420,7 +438,7 @@ def time_dense_plain_loop(args, task: str, teacher_ckpt: Path) -> Timing:
                 teacher_logits = teacher(images)
             if isinstance(teacher_logits, dict):  # torchvision's segmentation models
                 teacher_logits = teacher_logits["out"]
-            taught = clock()
+            taught = clock(device)
             logits = student(images)
             if isinstance(logits, dict):
                 logits = logits["out"]
@@ -435,17 +453,25 @@ def time_dense_plain_loop(args, task: str, teacher_ckpt: Path) -> Timing:
         def step_loss(images, targets):
             with torch.no_grad():
                 teacher(list(images))  # eval mode: detections, as our step's teacher pass
-            taught = clock()
+            taught = clock(device)
             losses = student(list(images), targets)  # train mode: the detector's own losses
             guided = distiller.regressor(student_hint.output)
             hint = hint_loss(guided, teacher_hint.output, formulation=distiller.formulation)
             detector = torch.stack(list(losses.values())).sum()
             return taught, distiller.ce_weight * detector + distiller.weight * hint
 
-    def clock() -> float:
-        sync(device)
-        return time.perf_counter()
+    return time_steps(args, datamodule, device, optimizer, step_loss)
 
+
+def time_steps(
+    args, datamodule, device: torch.device, optimizer, step_loss: Callable, count=None
+) -> Timing:
+    """The timed part of a plain PyTorch loop: ``args.warmup`` untimed and ``args.steps``
+    timed steps over ``datamodule``'s batches built on ``device``, each
+    ``taught, loss = step_loss(inputs, targets)`` (``taught``: the :func:`clock` reading once
+    the teacher has run), backward and an ``optimizer`` step. ``count(inputs)``: what a batch
+    holds (images by default). Stops with an error on a non-finite loss, as our step does."""
+    count = count or (lambda inputs: inputs.shape[0])
     loader = datamodule.train_dataloader()
     timing = Timing()
     batches = iter(loader)
@@ -456,19 +482,19 @@ def time_dense_plain_loop(args, task: str, teacher_ckpt: Path) -> Timing:
         except StopIteration:
             batches = iter(loader)
             batch = next(batches)
-        images, targets = datamodule.fetch(batch, device)[:2]  # built on the device
-        fetched = clock()
-        taught, loss = step_loss(images, targets)
+        inputs, targets = datamodule.fetch(batch, device)[:2]  # built on the device
+        fetched = clock(device)
+        taught, loss = step_loss(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sync(device)
         if step >= args.warmup:
-            timing.images += images.shape[0]
+            timing.count += count(inputs)
             timing.total += time.perf_counter() - started
             timing.parts["data"] += fetched - started
             timing.parts["teacher"] += taught - fetched
-    if not bool(torch.isfinite(loss.detach())):  # our step stops at a non-finite loss too
+    if not bool(torch.isfinite(loss.detach())):
         raise FloatingPointError(
             f"the plain loop's loss is {float(loss)} after {args.warmup + args.steps} steps: "
             "lower the learning rate (--override optim.lr=...)"

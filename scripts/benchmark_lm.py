@@ -55,7 +55,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,47 +91,6 @@ def bf16_flags() -> str:
 
 
 # --- throughput: our Lightning step against a plain PyTorch loop ------------------------------
-
-
-@dataclass
-class Timing:
-    """Seconds spent per part over the timed steps, and the tokens they predicted."""
-
-    tokens: int = 0
-    total: float = 0.0
-    parts: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "teacher": 0.0})
-
-    def throughput(self) -> float:
-        return self.tokens / self.total
-
-    def share(self, part: str) -> float:
-        """Percent of the timed wall time spent in ``part`` (``student``: the rest)."""
-        seconds = self.total - sum(self.parts.values()) if part == "student" else self.parts[part]
-        return 100 * seconds / self.total
-
-    def shares(self) -> str:
-        return " ".join(f"{k} {self.share(k):4.1f}%" for k in (*self.parts, "student"))
-
-
-class TeacherClock:
-    """Adds the wall time of every teacher forward pass to ``timing.parts['teacher']`` while
-    ``timing`` is set (the timed steps; a teacher's decoding before training is not)."""
-
-    def __init__(self, teacher: nn.Module, device: torch.device) -> None:
-        self.timing: Timing | None = None
-        self.device = device
-        self._start = 0.0
-        teacher.register_forward_pre_hook(self._before)
-        teacher.register_forward_hook(self._after)
-
-    def _before(self, *_) -> None:
-        sync(self.device)
-        self._start = time.perf_counter()
-
-    def _after(self, *_) -> None:
-        sync(self.device)
-        if self.timing is not None:
-            self.timing.parts["teacher"] += time.perf_counter() - self._start
 
 
 def lm_config(args, teacher_ckpt: Path | None = None):
@@ -175,63 +134,8 @@ def save_random_teacher(cfg, path: Path) -> int:
     return int(datamodule.num_classes)
 
 
-def fit_timed(args, cfg) -> Timing:
-    """Our Lightning training step on ``cfg`` through ``Trainer.fit``: ``args.warmup``
-    untimed steps, then ``args.steps`` timed ones."""
-    import lightning as L
-
-    from distill_zoo.train import build
-
-    class StepClock(L.Callback):
-        """Times the steps after the warm-up: wall time from one step's end to the next's,
-        the data part (Lightning's fetch and the batch built on the device) and, through the
-        teacher clock, the teacher's."""
-
-        def __init__(self, warmup: int, teacher_clock: TeacherClock) -> None:
-            self.warmup = warmup
-            self.timing = Timing()
-            self.teacher_clock = teacher_clock
-            self._step = 0
-            self._last_end: float | None = None
-            self._start = 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            sync(pl_module.device)
-            now = time.perf_counter()
-            timed = self._step >= self.warmup
-            if timed and self._last_end is not None:
-                self.timing.parts["data"] += now - self._last_end
-            self.teacher_clock.timing = self.timing if timed else None
-            self._start = now if self._last_end is None else self._last_end
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            sync(pl_module.device)
-            now = time.perf_counter()
-            if self._step >= self.warmup:
-                self.timing.total += now - self._start
-                self.timing.tokens += batch[0].numel()
-            self._last_end = now
-            self._step += 1
-
-    L.seed_everything(0)
-    datamodule, module = build(cfg)
-    device = torch.device(args.device)
-    clock = StepClock(args.warmup, TeacherClock(module.teacher, device))
-    trainer = L.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision=cfg.trainer.precision,
-        max_steps=args.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return clock.timing
+def tokens_in(batch) -> int:
+    return batch[0].numel()
 
 
 def plain_loss_weights(distiller: nn.Module) -> tuple[float, float, float]:
@@ -259,13 +163,14 @@ def differences(distiller: nn.Module) -> str:
     return ", ".join(changed)
 
 
-def time_plain_loop(args, cfg) -> tuple[Timing, str]:
+def time_plain_loop(args, cfg) -> tuple[Any, str]:
     """A plain PyTorch loop doing our step's work on the same batches: teacher forward under
     ``no_grad``, student forward, ``ce_weight * CE + kd_weight * T^2 * KL`` written out,
     backward, AdamW step; under ``bf16-mixed`` the forward passes run in ``torch.autocast``
     and the loss in fp32, as in our step. Returns the timing and what ``cfg``'s distiller
     does beyond this loop (:func:`differences`)."""
     import lightning as L
+    from benchmark import clock, time_steps
 
     from distill_zoo.train import build
 
@@ -284,26 +189,11 @@ def time_plain_loop(args, cfg) -> tuple[Timing, str]:
     )
     bf16 = args.precision == "bf16-mixed"
 
-    def clock() -> float:
-        sync(device)
-        return time.perf_counter()
-
-    loader = datamodule.train_dataloader()
-    timing = Timing()
-    batches = iter(loader)
-    for step in range(args.warmup + args.steps):
-        started = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        inputs, targets = datamodule.fetch(batch, device)[:2]  # built on the device
-        fetched = clock()
+    def step_loss(inputs, targets):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 teacher_logits = teacher(inputs, use_cache=False).logits
-            taught = clock()
+            taught = clock(device)
             logits = student(inputs, use_cache=False).logits
         vocab = logits.shape[-1]
         rows, teacher_rows = logits.float().reshape(-1, vocab), teacher_logits.float()
@@ -314,26 +204,16 @@ def time_plain_loop(args, cfg) -> tuple[Timing, str]:
             reduction="batchmean",
             log_target=True,
         )
-        loss = ce_weight * ce + kd_weight * temperature**2 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sync(device)
-        if step >= args.warmup:
-            timing.tokens += inputs.numel()
-            timing.total += time.perf_counter() - started
-            timing.parts["data"] += fetched - started
-            timing.parts["teacher"] += taught - fetched
-    if not bool(torch.isfinite(loss.detach())):
-        raise FloatingPointError(
-            f"the plain loop's loss is {float(loss)} after {args.warmup + args.steps} steps: "
-            "lower the learning rate (--override optim.lr=...)"
-        )
+        return taught, ce_weight * ce + kd_weight * temperature**2 * kl
+
+    timing = time_steps(args, datamodule, device, optimizer, step_loss, count=Tensor.numel)
     return timing, differences(module.distiller)
 
 
 def run_throughput(args) -> dict[str, float]:
     """Times the plain loop, our step and the plain loop again; prints a row each."""
+    from benchmark import fit_timed  # the image benchmark's step clock, counting tokens
+
     with tempfile.TemporaryDirectory() as tmp:
         teacher_ckpt = Path(tmp) / "teacher.pt"
         vocab = save_random_teacher(lm_config(args), teacher_ckpt)
@@ -350,7 +230,7 @@ def run_throughput(args) -> dict[str, float]:
         sys.stdout.flush()
         # Timed before and after ours (a shared machine drifts): the ratio is against the mean.
         plain, different = time_plain_loop(args, cfg)
-        ours = fit_timed(args, cfg)
+        ours = fit_timed(args, cfg, count=tokens_in)
         again, _ = time_plain_loop(args, cfg)
     reference = (plain.throughput() + again.throughput()) / 2
     for name, timing in [("plain loop", plain), ("ours", ours), ("plain loop again", again)]:
@@ -368,7 +248,7 @@ def run_throughput(args) -> dict[str, float]:
         "ratio": ours.throughput() / reference,
         "teacher_share": ours.share("teacher"),
         "plain_teacher_share": (plain.share("teacher") + again.share("teacher")) / 2,
-        "timed_tokens": ours.tokens,
+        "timed_tokens": ours.count,
     }
 
 
