@@ -109,12 +109,18 @@ def build_teacher(
     return teachers.load_weights(teacher, train_teacher(cfg))
 
 
+def stage_layers(node: DictConfig, model: nn.Module) -> list[str]:
+    """A model's stage layers: its config's ``feature_layers``, else those the model names
+    itself (a causal LM's decoder blocks)."""
+    return list(node.get("feature_layers") or getattr(model, "feature_layers", None) or [])
+
+
 def teacher_stages(cfg: DictConfig, teacher: nn.Module | None) -> list[str]:
     """The teacher's stage layers; an ensemble's are those of its first member."""
     if teacher is None:
         return []
     node = cfg.teacher.members[0] if cfg.teacher.get("members") else cfg.teacher
-    stages = list(node.get("feature_layers") or getattr(teacher, "feature_layers", None) or [])
+    stages = stage_layers(node, teacher)
     if isinstance(teacher, (TeacherEnsemble, TeacherRoute)):
         return [f"members.0.{name}" for name in stages]
     return stages
@@ -346,9 +352,7 @@ def build_run(
         quant.prepare(student, example_input(datamodule))
     context = DistillContext(
         task=task.name,
-        student_stages=list(
-            cfg.student.get("feature_layers") or getattr(student, "feature_layers", None) or []
-        ),
+        student_stages=stage_layers(cfg.student, student),
         teacher_stages=teacher_stages(cfg, teacher),
         example_input=example_input(datamodule),
         num_classes=num_classes,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
+from distill_zoo.distillers.token_kd import prompt_tokens, sequence_length
 from distill_zoo.engine.fsdp import is_sharded
 from distill_zoo.losses.language import IGNORE_INDEX, token_cross_entropy
 from distill_zoo.models.language import generate, lm_logits
@@ -61,14 +62,8 @@ class SequenceKD(Distiller):
         super().__init__(
             student, teacher, context=context, ce_weight=ce_weight, kd_weight=kd_weight
         )
-        example = self.context.example_input
-        length = int(example.shape[-1]) if example is not None else 0
-        self.prompt_length = prompt_length if prompt_length is not None else max(length // 2, 1)
-        if not 1 <= self.prompt_length < max(length, 2):
-            raise ValueError(
-                f"prompt_length={self.prompt_length} must leave tokens for the teacher to write "
-                f"in sequences of {length}: choose 1 <= prompt_length < {length}"
-            )
+        length = sequence_length(self.context)
+        self.prompt_length = prompt_tokens(prompt_length, length)
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         self.length = length

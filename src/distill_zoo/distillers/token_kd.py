@@ -22,6 +22,24 @@ from distill_zoo.models.language import generate, lm_logits
 from distill_zoo.teachers.topk_cache import TopKCache
 
 
+def sequence_length(context: DistillContext) -> int:
+    """Tokens per training sequence (the run's ``data.block_size``), from the example input."""
+    example = context.example_input
+    return int(example.shape[-1]) if example is not None else 0
+
+
+def prompt_tokens(prompt_length: int | None, length: int, check: bool = True) -> int:
+    """The prompt kept from sequences of ``length`` tokens before a model writes the rest
+    (on-policy samples, Seq-KD's teacher text); ``None``: half of it."""
+    prompt = prompt_length if prompt_length is not None else max(length // 2, 1)
+    if check and not 1 <= prompt < max(length, 2):
+        raise ValueError(
+            f"prompt_length={prompt} must leave room to generate in sequences of {length} "
+            f"tokens: choose 1 <= prompt_length < {length}"
+        )
+    return prompt
+
+
 class TokenKD(Distiller):
     """Token-level KD for causal LMs with the divergences of the LLM-distillation literature
     (:func:`~distill_zoo.losses.language.token_divergence`, all ``T^2``-scaled means over the
@@ -129,14 +147,8 @@ class TokenKD(Distiller):
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if sampling_temperature <= 0:
             raise ValueError(f"sampling_temperature must be > 0, got {sampling_temperature}")
-        example = self.context.example_input
-        length = int(example.shape[-1]) if example is not None else 0
-        self.prompt_length = prompt_length if prompt_length is not None else max(length // 2, 1)
-        if lmbda and not 1 <= self.prompt_length < max(length, 2):
-            raise ValueError(
-                f"prompt_length={self.prompt_length} must leave room to generate in sequences of "
-                f"{length} tokens: choose 1 <= prompt_length < {length}"
-            )
+        length = sequence_length(self.context)
+        self.prompt_length = prompt_tokens(prompt_length, length, check=lmbda > 0)
         if topk is not None and lmbda == 1:
             raise ValueError(
                 "distiller.topk caches the teacher on the data, but lmbda=1 makes every step "

@@ -155,6 +155,13 @@ def check_vocabulary(model: nn.Module, vocab_size: int, what: str) -> None:
         )
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a Hugging Face model reads (``None``: no limit it declares)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2: its n_positions
+    return None if positions is None else int(positions)
+
+
 def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 

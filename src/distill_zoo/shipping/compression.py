@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill_zoo.models.language import generate
+from distill_zoo.models.language import generate, max_positions
 from distill_zoo.shipping import export
 
 try:  # torch >= 2.3
@@ -193,12 +193,9 @@ def generation_lengths(
             f"new_tokens must be >= 2 (a difference of two timings), got {new_tokens}"
         )
     prompt = max(1, length // 2)
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None
-    )
+    positions = max_positions(model)
     if positions is not None:
-        new_tokens = min(new_tokens, int(positions) - prompt)
+        new_tokens = min(new_tokens, positions - prompt)
     if new_tokens < 2:
         raise ValueError(
             f"the model reads at most {positions} positions: no room to time 2 new tokens after "

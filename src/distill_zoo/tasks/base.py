@@ -9,6 +9,7 @@ asks its task and assumes none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,12 +197,13 @@ def as_tensor_prediction(output: Any) -> Tensor:
     raise TypeError(f"expected a tensor prediction, got {type(output).__name__}")
 
 
-def dry_forward(model: nn.Module, example: Tensor) -> Any:
-    """``model(example)`` in eval mode without gradients, leaving the model's mode as it was."""
+def dry_forward(model: nn.Module, example: Tensor, call: Callable | None = None) -> Any:
+    """``model(example)`` (or ``call(model, example)``) in eval mode without gradients,
+    leaving the model's mode as it was."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(example)
+            return model(example) if call is None else call(model, example)
     finally:
         model.train(was_training)

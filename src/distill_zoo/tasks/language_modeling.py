@@ -12,8 +12,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill_zoo.losses.language import IGNORE_INDEX, token_cross_entropy
-from distill_zoo.models.language import generate, lm_logits
-from distill_zoo.tasks.base import Monitor, StepOutputs, Task
+from distill_zoo.models.language import generate, lm_logits, max_positions
+from distill_zoo.tasks.base import Monitor, StepOutputs, Task, dry_forward
 
 SAMPLES_FILE = "samples.json"
 
@@ -93,19 +93,13 @@ class LanguageModelingTask(Task):
         self.block_size = int(getattr(datamodule, "block_size", 0))
 
     def check_model(self, model: nn.Module, example: Tensor, role: str) -> None:
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        positions = max_positions(model)
         if positions is not None and self.block_size > positions:
             raise ValueError(
                 f"the {role} reads at most {positions} positions, but data.block_size="
                 f"{self.block_size}: lower data.block_size or raise {role}.max_positions"
             )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits = lm_logits(model, example.long())
-        finally:
-            model.train(was_training)
+        logits = dry_forward(model, example.long(), lm_logits)
         if logits.dim() != 3 or logits.shape[:2] != example.shape[:2]:
             raise ValueError(
                 f"the {role} predicts {tuple(logits.shape)} for token ids {tuple(example.shape)}"
