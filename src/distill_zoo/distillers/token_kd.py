@@ -14,7 +14,6 @@ from distill_zoo.distillers.base import DistillContext, Distiller, StepOutputs
 from distill_zoo.losses.language import (
     DIVERGENCES,
     IGNORE_INDEX,
-    TopKLogProbs,
     teacher_topk,
     token_divergence,
 )
@@ -168,7 +167,6 @@ class TokenKD(Distiller):
         self.lmbda = lmbda
         self.sampling_temperature = sampling_temperature
         self.chunk_size = chunk_size
-        self.topk = topk
         self.cache = (
             TopKCache(self.context.num_train_samples, length, topk, temperature)
             if topk is not None
@@ -226,24 +224,17 @@ class TokenKD(Distiller):
         sequences = out.student_outputs.get("sequences")
         if sequences is not None:
             if self.cache is not None:  # the other processes may store: take part
-                self._store(out.indices[:0], None)
+                self.cache.store_all(out.indices[:0])
             return {"teacher": lm_logits(teacher, sequences)}
         if self.cache is None:
             return {"teacher": lm_logits(teacher, out.images)}
         entry = self.cache.lookup(out.indices)
         if entry is not None:
-            self._store(out.indices[:0], None)
+            self.cache.store_all(out.indices[:0])
             return {"teacher": entry}
-        entry = teacher_topk(lm_logits(teacher, out.images), self.topk, self.temperature)
-        self._store(out.indices, entry)
+        entry = teacher_topk(lm_logits(teacher, out.images), self.cache.k, self.temperature)
+        self.cache.store_all(out.indices, entry)
         return {"teacher": entry}
-
-    def _store(self, indices: Tensor, entry: TopKLogProbs | None) -> None:
-        if entry is None:
-            length = self.cache.logprobs.shape[1]
-            empty = self.cache.logprobs.new_zeros(0, length, self.topk)
-            entry = TopKLogProbs(empty, empty.long(), self.temperature)
-        self.cache.store_all(indices, entry)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out) if out.student_logits is not None else {}

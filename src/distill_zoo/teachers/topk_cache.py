@@ -67,8 +67,13 @@ class TopKCache(nn.Module):
             self.logprobs[indices], self.token_ids[indices].long(), self.temperature
         )
 
-    def store_all(self, indices: Tensor, entry: TopKLogProbs) -> None:
-        """Stores ``entry`` for ``indices``, and what every other process stores this step."""
+    def store_all(self, indices: Tensor, entry: TopKLogProbs | None = None) -> None:
+        """Stores ``entry`` for ``indices``, and what every other process stores this step.
+        Every process calls it at every step (a collective), with nothing (``indices`` empty,
+        ``entry`` ``None``) where it has nothing new."""
+        if entry is None:
+            empty = self.logprobs.new_zeros(0, *self.logprobs.shape[1:])
+            entry = TopKLogProbs(empty, empty.long(), self.temperature)
         indices, logprobs, token_ids = all_gather_rows(
             indices, entry.logprobs.float(), entry.indices.int()
         )
