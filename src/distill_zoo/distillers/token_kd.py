@@ -176,6 +176,11 @@ class TokenKD(Distiller):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.seed = torch.initial_seed()
 
+    @property
+    def topk(self) -> int | None:
+        """Tokens per position the teacher's cache keeps (``None``: no cache)."""
+        return None if self.cache is None else self.cache.k
+
     def runs_alone_because(self) -> str | None:
         if self.lmbda:
             return "its on-policy steps train on the student's samples, not on the batch"
